@@ -1,0 +1,1 @@
+"""Theory of gradient propagation, computed: mean field, Jacobian spectra, RNN dynamics."""
