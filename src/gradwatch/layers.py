@@ -1,0 +1,118 @@
+"""Which modules of a model are layers, what they compute, and which parameters they own.
+
+A *layer* is a module that owns parameters directly, or a leaf module (one with no
+children). Containers such as ``nn.Sequential`` only pass tensors along, so their
+statistics would repeat their last child's. Each parameter belongs to exactly one
+layer (the first that owns it in ``named_modules`` order), so tied or shared
+parameters are counted once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# The activation families gradwatch knows how to judge. Keys are module classes.
+SATURATING: dict[type[nn.Module], str] = {
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Hardtanh: "hardtanh",
+    nn.Softsign: "softsign",
+}
+RECTIFYING: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+RECURRENT = (nn.RNNBase,)
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """The activation family of ``module`` ("sigmoid", "tanh", "relu", ...), or None."""
+    for table in (SATURATING, RECTIFYING):
+        for cls, name in table.items():
+            if isinstance(module, cls):
+                return name
+    return None
+
+
+@dataclass
+class Layer:
+    """One measured layer: a module, its dotted name and the parameters it owns."""
+
+    index: int
+    name: str
+    module: nn.Module = field(repr=False)
+    root: nn.Module = field(repr=False)
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list, repr=False)
+
+    @property
+    def type(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def kind(self) -> str | None:
+        return activation_kind(self.module)
+
+    @property
+    def fan_in(self) -> int | None:
+        """Inputs per output unit of the layer's main weight, as ``torch.nn.init`` counts them."""
+        weight = getattr(self.module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            return int(weight.shape[1] * weight[0][0].numel())
+        return None
+
+
+def named_roots(
+    models: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module],
+) -> dict[str, nn.Module]:
+    """Give each watched model a name prefix: "" for a single model, else its key or index."""
+    if isinstance(models, nn.Module):
+        return {"": models}
+    if isinstance(models, Mapping):
+        items = list(models.items())
+    else:
+        items = [(str(i), m) for i, m in enumerate(models)]
+    for name, model in items:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"gradwatch watches torch.nn.Module objects; got {type(model).__name__} for {name!r}"
+            )
+    if len(items) == 1:
+        return {"": items[0][1]}
+    return dict(items)
+
+
+def is_layer(module: nn.Module) -> bool:
+    has_children = next(module.children(), None) is not None
+    has_params = next(module.parameters(recurse=False), None) is not None
+    return has_params or not has_children
+
+
+def discover_layers(
+    roots: Mapping[str, nn.Module], start: int = 0, seen_params: set[int] | None = None
+) -> list[Layer]:
+    """List the layers of every root, assigning each parameter to one layer only.
+
+    Example:
+        >>> from torch import nn
+        >>> layers = discover_layers({"": nn.Sequential(nn.Linear(2, 2), nn.ReLU())})
+        >>> [(layer.name, layer.type) for layer in layers]
+        [('0', 'Linear'), ('1', 'ReLU')]
+    """
+    seen_params = set() if seen_params is None else seen_params
+    seen_modules: set[int] = set()
+    layers: list[Layer] = []
+    for prefix, root in roots.items():
+        for name, module in root.named_modules(remove_duplicate=False):
+            if id(module) in seen_modules or not is_layer(module):
+                continue
+            seen_modules.add(id(module))
+            full = ".".join(part for part in (prefix, name) if part) or "(root)"
+            layer = Layer(start + len(layers), full, module, root)
+            for pname, p in module.named_parameters(recurse=False):
+                if id(p) not in seen_params:
+                    seen_params.add(id(p))
+                    layer.params.append((f"{full}.{pname}" if full != "(root)" else pname, p))
+            layers.append(layer)
+    return layers

@@ -1,0 +1,239 @@
+"""The run store: one SQLite file per run, written in batches, read back as numpy arrays.
+
+The file is ``run.sqlite`` inside the run directory. It uses write-ahead logging and
+one transaction per flush, so after a crash or ``kill -9`` it holds every step up to
+the last flush. Open it with the stdlib ``sqlite3`` or with :func:`open_run`.
+
+Schema (version 1):
+
+``meta(key TEXT PRIMARY KEY, value TEXT)``
+    schema_version, gradwatch and torch versions, mode, command line, status.
+``layers(id, name, type, kind, exec_order, fan_in, n_params)``
+    One row per measured module. ``kind`` is its activation family (sigmoid, tanh,
+    relu, ...) or NULL; ``exec_order`` the rank of its first call in a training
+    forward pass (NULL if never called).
+``params(id, name, layer_id, shape, numel)``
+    Each parameter once, under the layer that owns it.
+``steps(step, loss, detail, partial, nonfinite, nonfinite_module, nonfinite_params)``
+    One row per optimizer step. ``detail`` is 1 where the detailed probes ran;
+    ``partial`` is 1 for a step cut short by an exception; ``nonfinite_module`` is the
+    first module, in execution order, whose forward output was inf or NaN;
+    ``nonfinite_params`` a JSON list of parameters whose gradient was.
+``layer_metrics(step, layer_id, metric, value)``
+    Long format. Metrics: grad_norm, grad_zero_frac, error_norm, act_mean, act_std,
+    saturated_frac, zero_frac, dead_frac, update_ratio, weight_norm, nonfinite and,
+    for recurrent layers, recurrent_radius.
+``param_metrics(step, param_id, metric, value)``
+    grad_norm every step; update_norm and weight_norm on detailed steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FILE_NAME = "run.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS layers (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, type TEXT, kind TEXT,
+    exec_order INTEGER, fan_in INTEGER, n_params INTEGER);
+CREATE TABLE IF NOT EXISTS params (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, layer_id INTEGER, shape TEXT, numel INTEGER);
+CREATE TABLE IF NOT EXISTS steps (
+    step INTEGER PRIMARY KEY, loss REAL, detail INTEGER, partial INTEGER DEFAULT 0,
+    nonfinite INTEGER DEFAULT 0, nonfinite_module TEXT, nonfinite_params TEXT);
+CREATE TABLE IF NOT EXISTS layer_metrics (
+    step INTEGER, layer_id INTEGER, metric TEXT, value REAL,
+    PRIMARY KEY (metric, step, layer_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS param_metrics (
+    step INTEGER, param_id INTEGER, metric TEXT, value REAL,
+    PRIMARY KEY (metric, step, param_id)) WITHOUT ROWID;
+"""
+
+
+class RunStoreError(ValueError):
+    """The path is not a gradwatch run store, or it cannot be read."""
+
+
+def store_file(path: str | Path) -> Path:
+    """The SQLite file behind a run directory (or the file itself)."""
+    path = Path(path)
+    return path / FILE_NAME if path.is_dir() or not path.suffix else path
+
+
+@dataclass
+class LayerRow:
+    id: int
+    name: str
+    type: str
+    kind: str | None
+    exec_order: int | None
+    fan_in: int | None
+    n_params: int
+
+
+class RunWriter:
+    """Appends flushed steps to a run store. One transaction per flush."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.file = store_file(path)
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.file)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self.set_meta({"schema_version": SCHEMA_VERSION})
+
+    def set_meta(self, values: dict[str, object]) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in values.items()],
+            )
+
+    def write(
+        self,
+        layers: Iterable[LayerRow],
+        params: Iterable[tuple[int, str, int, str, int]],
+        steps: Sequence[tuple],
+        layer_metrics: Iterable[tuple[int, int, str, float]],
+        param_metrics: Iterable[tuple[int, int, str, float]],
+    ) -> None:
+        """Write one flush: layer and parameter descriptions, then the steps' rows."""
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (r.id, r.name, r.type, r.kind, r.exec_order, r.fan_in, r.n_params)
+                    for r in layers
+                ],
+            )
+            self._db.executemany("INSERT OR REPLACE INTO params VALUES (?, ?, ?, ?, ?)", params)
+            self._db.executemany("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?)", steps)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO layer_metrics VALUES (?, ?, ?, ?)", layer_metrics
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO param_metrics VALUES (?, ?, ?, ?)", param_metrics
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Run:
+    """A run store opened for reading.
+
+    Attributes:
+        path: the SQLite file.
+        layers: module names in execution order.
+        steps: optimizer step indices, ascending.
+        metrics: names of the per-layer metrics present.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> import gradwatch
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with gradwatch.watch(model, opt, run=tempfile.mkdtemp()) as w:
+        ...     for _ in range(3):
+        ...         loss = model(torch.randn(16, 4)).pow(2).mean()
+        ...         opt.zero_grad(); loss.backward(); opt.step()
+        >>> run = gradwatch.open_run(w.run_dir)
+        >>> run.layers, run.matrix("grad_norm").shape
+        (['0', '1', '2'], (3, 3))
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = store_file(path)
+        if not self.path.is_file():
+            raise RunStoreError(f"no gradwatch run store at {path} (looked for {self.path})")
+        try:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self.meta = {k: v for k, v in self._db.execute("SELECT key, value FROM meta")}
+        except sqlite3.DatabaseError as exc:
+            raise RunStoreError(f"{self.path} is not a gradwatch run store: {exc}") from None
+        rows = self._db.execute(
+            "SELECT id, name, type, kind, exec_order, fan_in, n_params FROM layers "
+            "ORDER BY exec_order IS NULL, exec_order, id"
+        ).fetchall()
+        self.layer_info = [LayerRow(*r) for r in rows]
+        self.layers = [r.name for r in self.layer_info]
+        self._column = {r.id: i for i, r in enumerate(self.layer_info)}
+        step_rows = self._db.execute("SELECT step, loss FROM steps ORDER BY step").fetchall()
+        self.steps = np.array([r[0] for r in step_rows], dtype=np.int64)
+        self.loss = np.array(
+            [np.nan if r[1] is None else r[1] for r in step_rows], dtype=np.float64
+        )
+        self._row = {int(s): i for i, s in enumerate(self.steps)}
+        self.metrics = [
+            m
+            for (m,) in self._db.execute(
+                "SELECT DISTINCT metric FROM layer_metrics ORDER BY metric"
+            )
+        ]
+        self.params = [r[0] for r in self._db.execute("SELECT name FROM params ORDER BY id")]
+
+    def matrix(self, metric: str) -> np.ndarray:
+        """A (steps x layers) array of one metric, NaN where it was not measured."""
+        if metric not in self.metrics:
+            raise KeyError(f"no metric {metric!r} in this run; it has: {', '.join(self.metrics)}")
+        out = np.full((len(self.steps), len(self.layers)), np.nan)
+        for step, layer, value in self._db.execute(
+            "SELECT step, layer_id, value FROM layer_metrics WHERE metric = ?", (metric,)
+        ):
+            if step in self._row and layer in self._column:
+                out[self._row[step], self._column[layer]] = np.nan if value is None else value
+        return out
+
+    def param_matrix(self, metric: str) -> np.ndarray:
+        """A (steps x params) array of a per-parameter metric (grad_norm, update_norm, weight_norm)."""
+        ids = {
+            pid: i for i, (pid,) in enumerate(self._db.execute("SELECT id FROM params ORDER BY id"))
+        }
+        out = np.full((len(self.steps), len(ids)), np.nan)
+        for step, pid, value in self._db.execute(
+            "SELECT step, param_id, value FROM param_metrics WHERE metric = ?", (metric,)
+        ):
+            if step in self._row and pid in ids:
+                out[self._row[step], ids[pid]] = np.nan if value is None else value
+        return out
+
+    def step_table(self) -> list[dict]:
+        """Every step row as a dict (loss, detail, partial, nonfinite, nonfinite_module, ...)."""
+        cur = self._db.execute("SELECT * FROM steps ORDER BY step")
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, r, strict=True)) for r in cur]
+        for row in rows:
+            row["nonfinite_params"] = json.loads(row["nonfinite_params"] or "[]")
+        return rows
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, steps={len(self.steps)}, layers={len(self.layers)})"
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a run store for reading: the run directory or its ``run.sqlite``.
+
+    Raises:
+        RunStoreError: if there is no readable store at ``path``.
+    """
+    return Run(path)
