@@ -110,6 +110,10 @@ class Watcher:
         self._param_numel: list[int] = []
         self._exec_order: dict[int, int] = {}
         self._handles: list[Any] = []
+        self._root_handles: dict[str, list[Any]] = {}
+        self._root_names: dict[str, str] = {}
+        self._dropped: set[int] = set()
+        self.before_first_flush: Callable[[Watcher], None] | None = None
         self._root_of: dict[int, nn.Module] = {}
         self._optimizers: list[torch.optim.Optimizer] = []
         self._expected: set[int] = set()
@@ -140,17 +144,28 @@ class Watcher:
             self.add_optimizer(opt)
 
     # ----------------------------------------------------------------- attaching
-    def add_model(self, model: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module]) -> None:
-        """Watch one more model (or several). Its layers join the store at the next flush."""
+    def add_model(
+        self,
+        model: nn.Module | Iterable[nn.Module] | Mapping[str, nn.Module],
+        name: str | None = None,
+    ) -> None:
+        """Watch one more model (or several). Its layers join the store at the next flush.
+
+        ``name`` prefixes the layer names of a single model; the first model watched
+        alone keeps unprefixed names, as ``named_modules()`` gives them.
+        """
         roots = named_roots(model)
-        if self._roots:  # names must stay unique once a second model joins
+        if name is not None and len(roots) == 1:
+            roots = {("" if not self._roots else name): next(iter(roots.values()))}
+        elif self._roots:  # names must stay unique once a second model joins
             roots = {(k or type(m).__name__.lower()): m for k, m in roots.items()}
         for prefix, root in roots.items():
             if any(root is r for r in self._roots.values()):
                 continue
             self._roots[prefix] = root
-            seen = set(self._param_index)
-            new = discover_layers({prefix: root}, start=len(self.layers), seen_params=seen)
+            self._root_names[prefix] = name or prefix
+            new = discover_layers({prefix: root}, len(self.layers), set(self._param_index))
+            handles = self._root_handles.setdefault(prefix, [])
             for layer in new:
                 self.layers.append(layer)
                 for pname, p in layer.params:
@@ -160,12 +175,51 @@ class Watcher:
                     self._param_layer.append(layer.index)
                     self._param_numel.append(p.numel())
                 if self.mode != "grads":
-                    self._handles.append(
-                        layer.module.register_forward_hook(self._make_layer_hook(layer))
-                    )
-            self._handles.append(root.register_forward_pre_hook(self._root_pre_hook))
-            self._handles.append(root.register_forward_hook(self._root_post_hook))
+                    handles.append(layer.module.register_forward_hook(self._make_layer_hook(layer)))
+            handles.append(root.register_forward_pre_hook(self._root_pre_hook))
+            handles.append(root.register_forward_hook(self._root_post_hook))
         self._layers_dirty = True
+
+    def drop_model(self, prefix: str) -> None:
+        """Stop watching a model (before anything of it was written): hooks off, layers out."""
+        for handle in self._root_handles.pop(prefix, []):
+            handle.remove()
+        root = self._roots.pop(prefix)
+        self._dropped.update(layer.index for layer in self.layers if layer.root is root)
+
+    def name_models(self) -> None:
+        """Give layer names a model prefix exactly when more than one model is watched."""
+        if len(self._roots) == 1:
+            prefix = next(iter(self._roots))
+            if prefix:
+                self._rename_model(prefix, "")
+        elif "" in self._roots:
+            root = self._roots[""]
+            self._rename_model("", self._root_names.get("") or type(root).__name__.lower())
+
+    def _rename_model(self, old: str, new: str) -> None:
+        root = self._roots.pop(old)
+        self._roots[new] = root
+        self._root_names[new] = self._root_names.pop(old, new)
+        self._root_handles[new] = self._root_handles.pop(old, [])
+
+        def rename(name: str) -> str:
+            bare = name[len(old) + 1 :] if old else name
+            if bare == old or bare == "(root)":
+                bare = ""
+            return ".".join(part for part in (new, bare) if part) or "(root)"
+
+        for layer in self.layers:
+            if layer.root is root:
+                layer.name = rename(layer.name)
+        for i, layer_index in enumerate(self._param_layer):
+            if self.layers[layer_index].root is root:
+                self._param_names[i] = rename(self._param_names[i])
+        self._layers_dirty = True
+
+    def models(self) -> dict[str, nn.Module]:
+        """The watched models by name prefix."""
+        return dict(self._roots)
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer, hooks: bool = True) -> None:
         """Watch an optimizer's steps. ``hooks=False`` when a global hook forwards them already."""
@@ -428,6 +482,9 @@ class Watcher:
         self._flush_due = False
         if self._writer is None or (not self._pending and not self._layers_dirty):
             return
+        if self.before_first_flush is not None:
+            callback, self.before_first_flush = self.before_first_flush, None
+            callback(self)
         dead_layers = [i for i in self._alive if i in self._last_act_step]
         alive = [self._alive[i].float().mean() for i in dead_layers]
         radius = self._recurrent_radii() if self._pending else {}
@@ -471,6 +528,7 @@ class Watcher:
                     sum(p.numel() for _, p in layer.params),
                 )
                 for layer in self.layers
+                if layer.index not in self._dropped
             ]
             if self._layers_dirty
             else []
@@ -478,13 +536,23 @@ class Watcher:
         params = [
             (i, self._param_names[i], self._param_layer[i], "x".join(map(str, p.shape)), p.numel())
             for i, p in enumerate(self._params)
-            if i >= self._written_params
+            if i >= self._written_params and self._param_layer[i] not in self._dropped
         ]
         self._written_params = len(self._params)
         self._layers_dirty = False
         steps, lm, pm = [], [], []
         order = self._exec_order
+        dropped = self._dropped
         for row, cut in zip(rows, partial, strict=True):
+            if dropped:
+                row.layer = {k: v for k, v in row.layer.items() if k[0] not in dropped}
+                row.param = {
+                    k: v for k, v in row.param.items() if self._param_layer[k[0]] not in dropped
+                }
+                row.nonfinite_layers = [i for i in row.nonfinite_layers if i not in dropped]
+                row.nonfinite_params = [
+                    i for i in row.nonfinite_params if self._param_layer[i] not in dropped
+                ]
             forward_bad = [
                 i
                 for i in row.nonfinite_layers
@@ -524,9 +592,10 @@ class Watcher:
             self.flush()
         finally:
             self._closed = True
-            for handle in self._handles:
+            for handle in self._handles + [h for hs in self._root_handles.values() for h in hs]:
                 handle.remove()
             self._handles.clear()
+            self._root_handles.clear()
             if self._writer is not None:
                 status = "ok" if error is None else f"error: {type(error).__name__}"
                 self._writer.set_meta(

@@ -1,0 +1,1 @@
+"""Reports: the terminal (rich) and, later, offline HTML."""

@@ -1,0 +1,192 @@
+"""Every metric the watcher stores, against plain autograd (tests/reference.py), to 1e-5 relative."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from reference import Reference, compare
+from torch import nn
+
+import gradwatch
+
+METRICS = [
+    "grad_norm",
+    "grad_zero_frac",
+    "error_norm",
+    "act_mean",
+    "act_std",
+    "saturated_frac",
+    "zero_frac",
+    "update_ratio",
+]
+RTOL = 1e-5
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(),
+        nn.Linear(32, 32), nn.Sigmoid(), nn.Linear(32, 3),
+    )  # fmt: skip
+    return model, torch.randn(64, 12), torch.randint(0, 3, (64,))
+
+
+def cnn_bn():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 3),
+    )  # fmt: skip
+    return model, torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
+
+
+class LSTMHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def lstm():
+    return LSTMHead(), torch.randn(8, 10, 4), torch.randint(0, 3, (8,))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+def transformer():
+    return Encoder(), torch.randn(8, 6, 16), torch.randint(0, 3, (8,))
+
+
+ARCHS = {"mlp": mlp, "cnn_bn": cnn_bn, "lstm": lstm, "transformer": transformer}
+OPTIMIZERS = {
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+}
+
+
+def train(tmp_path, arch, make_opt, steps=4, accumulate=1, scaler=None, **watch_kwargs):
+    torch.manual_seed(0)
+    model, x, y = ARCHS[arch]()
+    ref = Reference(model)
+    opt = make_opt(model.parameters())
+    with gradwatch.watch(
+        model, opt, run=tmp_path / "run", mode="full", scaler=scaler, **watch_kwargs
+    ) as w:
+        for _ in range(steps):
+            opt.zero_grad()
+            for micro in range(accumulate):
+                half = slice(micro * len(x) // accumulate, (micro + 1) * len(x) // accumulate)
+                loss = nn.functional.cross_entropy(model(x[half]), y[half]) / accumulate
+                (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(opt)
+            ref.before_step(scale=scaler.get_scale() if scaler else 1.0)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            ref.after_step()
+    ref.close()
+    return gradwatch.open_run(w.run_dir), ref
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_metrics_match_plain_autograd(tmp_path, arch, optimizer):
+    run, ref = train(tmp_path, arch, OPTIMIZERS[optimizer])
+    assert len(run.steps) == 4
+    assert compare(run, ref, METRICS, RTOL) == []
+    assert (
+        run.matrix("nonfinite")[~torch.isnan(torch.tensor(run.matrix("nonfinite"))).numpy()] == 0
+    ).all()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn_bn"])
+def test_gradient_accumulation_counts_one_step_per_optimizer_step(tmp_path, arch):
+    run, ref = train(tmp_path, arch, OPTIMIZERS["adam"], steps=3, accumulate=2)
+    assert run.steps.tolist() == [0, 1, 2]
+    assert compare(run, ref, METRICS, RTOL) == []
+
+
+def test_grad_scaler_norms_are_unscaled(tmp_path):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    run, ref = train(tmp_path, "mlp", OPTIMIZERS["adam"], steps=3, scaler=scaler)
+    assert compare(run, ref, METRICS, RTOL) == []
+    # The scale itself is large: a scaled error norm would be off by 2**10.
+    assert ref.rows[0][("0", "error_norm")] < 10
+
+
+def test_grad_scaler_found_without_being_passed(tmp_path):
+    """The GradScaler is found in the optimizer's state when it steps, and its scale removed."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    torch.manual_seed(0)
+    model, x, y = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ref = Reference(model)
+    with gradwatch.watch(model, opt, run=tmp_path / "run", mode="full") as w:
+        w.add_scaler(scaler)
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        ref.before_step(scale=scaler.get_scale())
+        scaler.step(opt)
+        scaler.update()
+        ref.after_step()
+    ref.close()
+    assert compare(gradwatch.open_run(w.run_dir), ref, ["error_norm", "grad_norm"], RTOL) == []
+
+
+def test_dead_units_over_a_flush_window(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        model[0].bias[:20] = -100.0  # 20 units can never fire
+    ref = Reference(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, run=tmp_path / "run", mode="full", flush_every=100) as w:
+        for step in range(5):
+            loss = model(torch.randn(32, 6)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            ref.before_step()
+            opt.step()
+            ref.after_step()
+            if step == 0:  # the watcher flushes after the first step, closing a window
+                ref.window_max.clear()
+    ref.close()
+    run = gradwatch.open_run(w.run_dir)
+    dead = run.matrix("dead_frac")[:, run.layers.index("1")]
+    assert math.isclose(dead[-1], ref.dead_fractions()["1"], rel_tol=RTOL)
+    assert dead[-1] >= 20 / 64
+
+
+def test_bf16_autocast_statistics_follow_the_low_precision_outputs(tmp_path):
+    torch.manual_seed(0)
+    model, x, y = mlp()
+    ref = Reference(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.watch(model, opt, run=tmp_path / "run", mode="full") as w:
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            ref.before_step()
+            opt.step()
+            ref.after_step()
+    ref.close()
+    assert compare(gradwatch.open_run(w.run_dir), ref, METRICS, RTOL) == []
