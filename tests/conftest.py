@@ -28,3 +28,13 @@ def validation_cases(shared_dir: Path) -> dict:
 def _fixed_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def scenario_runs(shared_dir: Path, tmp_path_factory) -> dict:
+    """Every shared scenario run once through `gradwatch run`, with its reference counts."""
+    from scenarios import run_scenario
+
+    out = tmp_path_factory.mktemp("scenarios")
+    scripts = sorted((shared_dir / "scenarios").glob("*.py"))
+    return {s.name: run_scenario(s, out) for s in scripts}

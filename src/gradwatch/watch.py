@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
@@ -38,6 +39,10 @@ from .schedule import as_schedule
 from .store import LayerRow, RunWriter
 
 MODES = ("default", "grads", "full")
+
+
+class GradwatchWarning(UserWarning):
+    """Something went wrong inside gradwatch; training goes on."""
 
 
 def default_run_dir(name: str = "run") -> Path:
@@ -255,7 +260,7 @@ class Watcher:
             self._finish_manual_update()
             self._finalize()
         if self._flush_due:
-            self.flush()
+            self._safe_flush()
         self._open.forward_seen = True
 
     def _root_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -506,6 +511,19 @@ class Watcher:
         self._write(rows, [getattr(p, "partial", False) for p in self._pending])
         self._pending.clear()
 
+    def _safe_flush(self) -> None:
+        """Flush from inside the user's training loop: a failure of ours must not stop it."""
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - reported, never raised into training
+            lost = len(self._pending)
+            self._pending.clear()
+            warnings.warn(
+                f"gradwatch could not write {lost} step(s) to {self.run_dir}: {type(exc).__name__}: {exc}",
+                GradwatchWarning,
+                stacklevel=2,
+            )
+
     def _recurrent_radii(self) -> dict[int, torch.Tensor]:
         radii = {}
         for layer in self.layers:
@@ -589,7 +607,7 @@ class Watcher:
             if self._open.has_grads or (error is not None and self._open.forward_seen):
                 self._finish_manual_update()
                 self._finalize(partial=error is not None and not self._open.stepped)
-            self.flush()
+            self._safe_flush()
         finally:
             self._closed = True
             for handle in self._handles + [h for hs in self._root_handles.values() for h in hs]:

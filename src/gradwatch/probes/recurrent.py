@@ -14,7 +14,7 @@ from torch import nn
 def recurrent_radius(module: nn.RNNBase) -> torch.Tensor | None:
     """Largest |eigenvalue| over the recurrent matrices, per gate block for LSTM and GRU.
 
-    Returns a 0-d device tensor, or None when the matrices are not square blocks
+    Returns a 0-d device tensor (NaN once the weights hold inf or NaN), or None when the matrices are not square blocks
     (an LSTM with ``proj_size``).
 
     Example:
@@ -31,5 +31,8 @@ def recurrent_radius(module: nn.RNNBase) -> torch.Tensor | None:
         if name.startswith("weight_hh"):
             h = weight.shape[1]
             blocks = weight.detach().float().reshape(-1, h, h)  # gates are stacked along rows
-            radii.append(torch.linalg.eigvals(blocks).abs().amax())
+            finite = torch.isfinite(blocks).all()
+            # LAPACK rejects inf/NaN input, so decompose a cleaned copy and mask the answer.
+            radius = torch.linalg.eigvals(torch.nan_to_num(blocks, 0.0, 0.0, 0.0)).abs().amax()
+            radii.append(torch.where(finite, radius, torch.full_like(radius, float("nan"))))
     return torch.stack(radii).amax() if radii else None

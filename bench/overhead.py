@@ -1,0 +1,267 @@
+"""Overhead of gradwatch and of the tools people use today, paired in one process.
+
+Every method trains its own copy of the same model on the same batches. Blocks of
+steps alternate between an uninstrumented twin and the instrumented model, after a
+warm-up, so drift in machine speed hits both alike. A method's overhead is the
+ratio of the median instrumented block time to the median twin block time; the
+spread is the interquartile range of the per-round ratios.
+
+    python bench/overhead.py --quick                 # the MLP only, a few minutes
+    python bench/overhead.py --json results.json     # every workload
+    python bench/overhead.py --memory                # peak RSS per method, in child processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import PEERS, Instrument  # noqa: E402
+
+# ----------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], nn.Module]
+    make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _mlp() -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(20):
+        layers += [nn.Linear(256, 256), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(256, 10))
+
+
+def _cnn() -> nn.Module:
+    def block(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        )
+
+    return nn.Sequential(
+        block(3, 16), block(16, 16), nn.MaxPool2d(2), block(16, 32), block(32, 32), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+    )  # fmt: skip
+
+
+class _Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+class _LSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, 128, num_layers=2, batch_first=True)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _labels(n: int) -> torch.Tensor:
+    return torch.randint(0, 10, (n,))
+
+
+ce = nn.functional.cross_entropy
+WORKLOADS = {
+    "mlp": Workload("mlp", _mlp, lambda: (torch.randn(128, 256), _labels(128)), ce),
+    "cnn_bn": Workload("cnn_bn", _cnn, lambda: (torch.randn(32, 3, 32, 32), _labels(32)), ce),
+    "transformer": Workload(
+        "transformer", _Transformer, lambda: (torch.randn(16, 32, 128), _labels(16)), ce
+    ),
+    "lstm": Workload("lstm", _LSTM, lambda: (torch.randn(32, 40, 32), _labels(32)), ce),
+}
+
+# ----------------------------------------------------------------------------- timing
+
+
+class Trainer:
+    """One model, its optimizer and (optionally) an instrument around its steps."""
+
+    def __init__(self, workload: Workload, base: nn.Module, instrument: Instrument | None) -> None:
+        self.workload = workload
+        self.model = copy.deepcopy(base)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.instrument = instrument
+        if instrument is not None:
+            instrument.attach(self.model, self.opt)
+
+    def block(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        start = time.perf_counter()
+        for x, y in batches:
+            if self.instrument is not None:
+                self.instrument.before_forward()
+            loss = self.workload.loss(self.model(x), y)
+            self.opt.zero_grad(set_to_none=True)
+            if self.instrument is not None:
+                self.instrument.backward(loss)
+            else:
+                loss.backward()
+            if self.instrument is not None:
+                self.instrument.before_step(self.model, loss)
+            self.opt.step()
+            if self.instrument is not None:
+                self.instrument.after_step(loss)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.instrument is not None:
+            self.instrument.close()
+
+
+def measure(workload: Workload, methods: list[str], rounds: int, block: int, warmup: int) -> dict:
+    torch.manual_seed(0)
+    base = workload.make_model()
+    batches = [workload.make_batch() for _ in range(block)]
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            peer = PEERS[method]
+            instrument = peer.make(Path(tmp) / method)
+            if instrument is None:
+                results[method] = {"ratio": None, "spread": None, "note": peer.missing_note()}
+                print(f"  {workload.name:12s} {method:24s} not installed", flush=True)
+                continue
+            twin, watched = Trainer(workload, base, None), Trainer(workload, base, instrument)
+            try:
+                for _ in range(warmup):
+                    twin.block(batches)
+                    watched.block(batches)
+                ratios, twin_times, watched_times = [], [], []
+                for r in range(rounds):
+                    # Alternate which goes first, so neither always runs on a warmer cache.
+                    order = (twin, watched) if r % 2 == 0 else (watched, twin)
+                    times = {id(t): t.block(batches) for t in order}
+                    twin_times.append(times[id(twin)])
+                    watched_times.append(times[id(watched)])
+                    ratios.append(times[id(watched)] / times[id(twin)])
+            finally:
+                watched.close()
+            q = statistics.quantiles(ratios, n=4)
+            ratio = statistics.median(watched_times) / statistics.median(twin_times)
+            results[method] = {
+                "ratio": round(ratio, 4),
+                "spread": round(q[2] - q[0], 4),
+                "step_ms": round(1e3 * statistics.median(twin_times) / block, 3),
+            }
+            print(
+                f"  {workload.name:12s} {method:24s} {ratio:6.3f}x  (IQR {q[2] - q[0]:.3f})",
+                flush=True,
+            )
+    return results
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def peak_rss_child(workload: str, method: str, steps: int) -> None:
+    """Run one method alone and print its peak RSS in KiB (called in a child process)."""
+    torch.manual_seed(0)
+    wl = WORKLOADS[workload]
+    base = wl.make_model()
+    batches = [wl.make_batch() for _ in range(steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        instrument = None if method == "none" else PEERS[method].make(Path(tmp) / method)
+        trainer = Trainer(wl, base, instrument)
+        trainer.block(batches)
+        trainer.close()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def measure_memory(workload: str, methods: list[str], steps: int) -> dict:
+    def run(method: str) -> int:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child-memory", workload, method, str(steps)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(out.stdout.strip().splitlines()[-1])
+
+    base = statistics.median(run("none") for _ in range(3))
+    results = {"none": {"peak_rss_kib": base}}
+    for method in methods:
+        if PEERS[method].make is None or not PEERS[method].available():
+            continue
+        peak = statistics.median(run(method) for _ in range(3))
+        results[method] = {"peak_rss_kib": peak, "overhead": round(peak / base - 1, 4)}
+        print(
+            f"  memory {workload:10s} {method:24s} {peak / 1024:8.1f} MiB  ({peak / base - 1:+.1%})",
+            flush=True,
+        )
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="MLP only, fewer rounds")
+    parser.add_argument(
+        "--json", type=Path, help="write {workload: {method: {ratio, spread}}} here"
+    )
+    parser.add_argument("--workloads", nargs="*", default=None, choices=list(WORKLOADS))
+    parser.add_argument("--methods", nargs="*", default=None, choices=list(PEERS))
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--block", type=int, default=None, help="steps per timed block")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--memory", action="store_true", help="also measure peak RSS in child processes"
+    )
+    parser.add_argument(
+        "--child-memory", nargs=3, metavar=("WORKLOAD", "METHOD", "STEPS"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child_memory:
+        peak_rss_child(args.child_memory[0], args.child_memory[1], int(args.child_memory[2]))
+        return 0
+    workloads = args.workloads or (["mlp"] if args.quick else list(WORKLOADS))
+    methods = args.methods or list(PEERS)
+    rounds = args.rounds or (12 if args.quick else 20)
+    block = args.block or (10 if args.quick else 20)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
+    )
+    results: dict = {}
+    for name in workloads:
+        wl_methods = [m for m in methods if PEERS[m].applies(name)]
+        results[name] = measure(WORKLOADS[name], wl_methods, rounds, block, warmup=2)
+    if args.memory:
+        results["_memory"] = {
+            "mlp": measure_memory("mlp", [m for m in methods if m.startswith("gradwatch")], 60)
+        }
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

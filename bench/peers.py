@@ -1,0 +1,187 @@
+"""The methods bench/overhead.py times: gradwatch's modes and the tools people use today.
+
+Each method is an :class:`Instrument` with hooks around one training step. Optional
+peers (Lightning, W&B, TensorBoard, Cockpit) are imported when present; absent ones
+are reported as "not installed" rather than failing the benchmark.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Instrument:
+    """Hooks around a training step. The default does nothing."""
+
+    def attach(self, model: nn.Module, opt: torch.optim.Optimizer) -> None: ...
+    def before_forward(self) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def before_step(self, model: nn.Module, loss: torch.Tensor) -> None: ...
+    def after_step(self, loss: torch.Tensor) -> None: ...
+    def close(self) -> None: ...
+
+
+class Gradwatch(Instrument):
+    def __init__(self, run: Path, mode: str) -> None:
+        self.run, self.mode, self.watcher = run, mode, None
+
+    def attach(self, model, opt):
+        import gradwatch
+
+        self.watcher = gradwatch.watch(model, opt, run=self.run, mode=self.mode)
+
+    def after_step(self, loss):
+        self.watcher.log(loss=loss)
+
+    def close(self):
+        self.watcher.close()
+
+
+class ForeachNorm(Instrument):
+    """Per-parameter norms with one fused kernel per (device, dtype), kept on the device."""
+
+    def attach(self, model, opt):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.kept: list[torch.Tensor] = []
+
+    def before_step(self, model, loss):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.kept.append(torch.stack(torch._foreach_norm(grads)))
+        if len(self.kept) > 50:
+            self.kept.clear()
+
+
+class ItemLoop(Instrument):
+    """The seed texts' monitor: one ``.norm().item()`` per parameter, every step."""
+
+    def attach(self, model, opt):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def before_step(self, model, loss):
+        self.last = {n: p.grad.norm().item() for n, p in self.named if p.grad is not None}
+
+
+class ClipGradNorm(Instrument):
+    def attach(self, model, opt):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def before_step(self, model, loss):
+        torch.nn.utils.clip_grad_norm_(self.params, max_norm=1e9)
+
+
+class DetectAnomaly(Instrument):
+    """torch.autograd's anomaly mode around forward and backward (restored after each step)."""
+
+    def before_forward(self):
+        torch.autograd.set_detect_anomaly(True)
+
+    def after_step(self, loss):
+        torch.autograd.set_detect_anomaly(False)
+
+    def close(self):
+        torch.autograd.set_detect_anomaly(False)
+
+
+class LightningGradNorm(Instrument):
+    def before_step(self, model, loss):
+        from lightning.pytorch.utilities import grad_norm
+
+        self.last = grad_norm(model, norm_type=2)
+
+
+class TensorBoardHistograms(Instrument):
+    """A histogram of every gradient, every step."""
+
+    def __init__(self, run: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run))
+        self.step = 0
+
+    def attach(self, model, opt):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def before_step(self, model, loss):
+        for name, p in self.named:
+            if p.grad is not None:
+                self.writer.add_histogram(name, p.grad, self.step)
+        self.step += 1
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbWatch(Instrument):
+    def __init__(self, run: Path, log_freq: int) -> None:
+        import wandb
+
+        run.mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb
+        self.run = wandb.init(
+            mode="offline", dir=str(run), reinit=True, settings=wandb.Settings(silent=True)
+        )
+        self.log_freq = log_freq
+
+    def attach(self, model, opt):
+        self.wandb.watch(model, log="gradients", log_freq=self.log_freq)
+
+    def after_step(self, loss):
+        self.wandb.log({"loss": loss.detach()})
+
+    def close(self):
+        self.wandb.unwatch()
+        self.run.finish()
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass
+class Peer:
+    """A method: how to make its instrument, whether it is installed, and where it applies."""
+
+    factory: Callable[[Path], Instrument]
+    requires: str | None = None
+    workloads: tuple[str, ...] | None = None
+    comparable: bool = True  # records per-layer gradient information comparable to gradwatch's
+    notes: list[str] = field(default_factory=list)
+
+    def available(self) -> bool:
+        return self.requires is None or _has(self.requires)
+
+    @property
+    def make(self) -> Callable[[Path], Instrument | None]:
+        return lambda run: self.factory(run) if self.available() else None
+
+    def missing_note(self) -> str:
+        return f"not installed ({self.requires})"
+
+    def applies(self, workload: str) -> bool:
+        return self.workloads is None or workload in self.workloads
+
+
+PEERS: dict[str, Peer] = {
+    "gradwatch_default": Peer(lambda run: Gradwatch(run, "default")),
+    "gradwatch_grads": Peer(lambda run: Gradwatch(run, "grads")),
+    "gradwatch_full": Peer(lambda run: Gradwatch(run, "full")),
+    "foreach_norm": Peer(lambda run: ForeachNorm()),
+    "item_loop": Peer(lambda run: ItemLoop()),
+    "clip_grad_norm": Peer(lambda run: ClipGradNorm()),
+    "detect_anomaly": Peer(lambda run: DetectAnomaly(), comparable=False),
+    "lightning_grad_norm": Peer(lambda run: LightningGradNorm(), requires="lightning"),
+    "tensorboard_histograms": Peer(TensorBoardHistograms, requires="tensorboard"),
+    "wandb_watch_100": Peer(lambda run: WandbWatch(run, 100), requires="wandb"),
+    "wandb_watch_1": Peer(lambda run: WandbWatch(run, 1), requires="wandb"),
+}

@@ -1,0 +1,5 @@
+"""``python -m gradwatch`` is the ``gradwatch`` command."""
+
+from gradwatch.cli import app
+
+app(prog_name="gradwatch")
