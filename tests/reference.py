@@ -118,6 +118,7 @@ class Reference:
                 ]
                 if errs:
                     row[(name, "error_norm")] = float(torch.sqrt(sum(errs))) / scale
+                    row[(name, "error_rms")] = row[(name, "error_norm")] / acts.numel() ** 0.5
         self.rows.append(row)
         self.outputs.clear()
         self._before = {

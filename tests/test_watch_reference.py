@@ -15,6 +15,7 @@ METRICS = [
     "grad_norm",
     "grad_zero_frac",
     "error_norm",
+    "error_rms",
     "act_mean",
     "act_std",
     "saturated_frac",

@@ -208,8 +208,11 @@ def _layer_metrics(row, acc, cnt, moments, scale, param_layer, param_numel) -> N
         elif code == "zero" and n:
             row.layer[(idx, "zero_frac")] = value / n
         elif code == "err":
-            norm = math.sqrt(value)
-            row.layer[(idx, "error_norm")] = norm / scale if scale else norm
+            norm = math.sqrt(value) / (scale or 1.0)
+            row.layer[(idx, "error_norm")] = norm
+            size = cnt[(idx, "fsum")]
+            if size:
+                row.layer[(idx, "error_rms")] = norm / math.sqrt(size)
             if not math.isfinite(norm):
                 bad_layers.add(idx)
     for idx, parts in moments.items():

@@ -8,8 +8,9 @@ Schema (version 1):
 
 ``meta(key TEXT PRIMARY KEY, value TEXT)``
     schema_version, gradwatch and torch versions, mode, command line, status.
-``layers(id, name, type, kind, exec_order, fan_in, n_params)``
-    One row per measured module. ``kind`` is its activation family (sigmoid, tanh,
+``layers(id, name, type, kind, exec_order, fan_in, n_params, model)``
+    One row per measured module; ``model`` names the watched model it belongs to
+    ("" when only one model is watched). ``kind`` is its activation family (sigmoid, tanh,
     relu, ...) or NULL; ``exec_order`` the rank of its first call in a training
     forward pass (NULL if never called).
 ``params(id, name, layer_id, shape, numel)``
@@ -20,7 +21,8 @@ Schema (version 1):
     first module, in execution order, whose forward output was inf or NaN;
     ``nonfinite_params`` a JSON list of parameters whose gradient was.
 ``layer_metrics(step, layer_id, metric, value)``
-    Long format. Metrics: grad_norm, grad_zero_frac, error_norm, act_mean, act_std,
+    Long format. Metrics: grad_norm, grad_zero_frac, error_norm, error_rms (the error
+    norm over the square root of the output's size), act_mean, act_std,
     saturated_frac, zero_frac, dead_frac, update_ratio, weight_norm, nonfinite and,
     for recurrent layers, recurrent_radius.
 ``param_metrics(step, param_id, metric, value)``
@@ -44,7 +46,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS layers (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL, type TEXT, kind TEXT,
-    exec_order INTEGER, fan_in INTEGER, n_params INTEGER);
+    exec_order INTEGER, fan_in INTEGER, n_params INTEGER, model TEXT);
 CREATE TABLE IF NOT EXISTS params (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL, layer_id INTEGER, shape TEXT, numel INTEGER);
 CREATE TABLE IF NOT EXISTS steps (
@@ -78,6 +80,16 @@ class LayerRow:
     exec_order: int | None
     fan_in: int | None
     n_params: int
+    model: str = ""
+
+
+@dataclass
+class ParamRow:
+    id: int
+    name: str
+    layer_id: int
+    shape: str
+    numel: int
 
 
 class RunWriter:
@@ -110,9 +122,9 @@ class RunWriter:
         """Write one flush: layer and parameter descriptions, then the steps' rows."""
         with self._db:
             self._db.executemany(
-                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (r.id, r.name, r.type, r.kind, r.exec_order, r.fan_in, r.n_params)
+                    (r.id, r.name, r.type, r.kind, r.exec_order, r.fan_in, r.n_params, r.model)
                     for r in layers
                 ],
             )
@@ -163,7 +175,7 @@ class Run:
         except sqlite3.DatabaseError as exc:
             raise RunStoreError(f"{self.path} is not a gradwatch run store: {exc}") from None
         rows = self._db.execute(
-            "SELECT id, name, type, kind, exec_order, fan_in, n_params FROM layers "
+            "SELECT id, name, type, kind, exec_order, fan_in, n_params, model FROM layers "
             "ORDER BY exec_order IS NULL, exec_order, id"
         ).fetchall()
         self.layer_info = [LayerRow(*r) for r in rows]
@@ -181,7 +193,13 @@ class Run:
                 "SELECT DISTINCT metric FROM layer_metrics ORDER BY metric"
             )
         ]
-        self.params = [r[0] for r in self._db.execute("SELECT name FROM params ORDER BY id")]
+        self.param_info = [
+            ParamRow(*r)
+            for r in self._db.execute(
+                "SELECT id, name, layer_id, shape, numel FROM params ORDER BY id"
+            )
+        ]
+        self.params = [r.name for r in self.param_info]
 
     def matrix(self, metric: str) -> np.ndarray:
         """A (steps x layers) array of one metric, NaN where it was not measured."""

@@ -511,6 +511,9 @@ class Watcher:
         self._write(rows, [getattr(p, "partial", False) for p in self._pending])
         self._pending.clear()
 
+    def _model_of(self, layer: Layer) -> str:
+        return next((prefix for prefix, root in self._roots.items() if root is layer.root), "")
+
     def _safe_flush(self) -> None:
         """Flush from inside the user's training loop: a failure of ours must not stop it."""
         try:
@@ -544,6 +547,7 @@ class Watcher:
                     self._exec_order.get(layer.index),
                     layer.fan_in,
                     sum(p.numel() for _, p in layer.params),
+                    self._model_of(layer),
                 )
                 for layer in self.layers
                 if layer.index not in self._dropped
