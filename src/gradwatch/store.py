@@ -174,8 +174,10 @@ class Run:
             self.meta = {k: v for k, v in self._db.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as exc:
             raise RunStoreError(f"{self.path} is not a gradwatch run store: {exc}") from None
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(layers)")}
+        model = "model" if "model" in columns else "''"  # stores written before the column existed
         rows = self._db.execute(
-            "SELECT id, name, type, kind, exec_order, fan_in, n_params, model FROM layers "
+            f"SELECT id, name, type, kind, exec_order, fan_in, n_params, {model} FROM layers "
             "ORDER BY exec_order IS NULL, exec_order, id"
         ).fetchall()
         self.layer_info = [LayerRow(*r) for r in rows]
