@@ -16,18 +16,23 @@ Example:
 
 __version__ = "0.1.0"
 
+from .diagnose import Finding, Remedy, Report, diagnose  # noqa: E402
 from .probes.numerics import NonFiniteError  # noqa: E402
 from .schedule import Schedule  # noqa: E402
 from .store import Run, RunStoreError, open_run  # noqa: E402
 from .watch import Watcher, watch  # noqa: E402
 
 __all__ = [
+    "Finding",
     "NonFiniteError",
+    "Remedy",
+    "Report",
     "Run",
     "RunStoreError",
     "Schedule",
     "Watcher",
+    "__version__",
+    "diagnose",
     "open_run",
     "watch",
-    "__version__",
 ]

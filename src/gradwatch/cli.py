@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .diagnose import diagnose
+from .diagnose.findings import json_ready
 from .store import RunStoreError, open_run
 
 app = typer.Typer(
@@ -72,12 +74,19 @@ def run(
         with open_run(run_dir) as stored:
             for line in summary_lines(stored):
                 err.print(line)
-            report = {"run": _run_summary(stored, result.exit_code), "findings": []}
+            report = diagnose(stored)
+            err.print(report)
+            data = report.to_dict()
+            data["run"].update(_run_summary(stored, result.exit_code))
     except RunStoreError as exc:
         err.print(f"gradwatch recorded nothing: {exc}")
-        report = {"run": {"steps": 0, "layers": 0, "exit_code": result.exit_code}, "findings": []}
+        data = {
+            "healthy": True,
+            "findings": [],
+            "run": {"steps": 0, "layers": 0, "exit_code": result.exit_code},
+        }
     if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=2))
+        json_out.write_text(json.dumps(json_ready(data), indent=2, allow_nan=False))
     raise typer.Exit(result.exit_code)
 
 
@@ -104,6 +113,40 @@ def show(
             print_show(stored, Console())
     except RunStoreError as exc:
         raise fail(str(exc)) from None
+
+
+@app.command("diagnose")
+def diagnose_command(
+    run_path: Annotated[
+        Path, typer.Argument(metavar="RUN", help="A run directory or its run.sqlite.")
+    ],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")
+    ] = None,
+) -> None:
+    """Diagnose a recorded run: which layer fails, since when, why, and what to change."""
+    try:
+        report = diagnose(run_path)
+    except RunStoreError as exc:
+        raise fail(str(exc)) from None
+    Console().print(report)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(help="Training steps for each of the two runs.")] = 300,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to keep the two run stores (default: a temp dir).")
+    ] = None,
+) -> None:
+    """Diagnose a deep sigmoid MLP on the digits, apply the fix, retrain, and compare."""
+    from .demo import run_demo
+
+    if steps < 30:
+        raise fail("--steps must be at least 30 for the diagnosis to judge the loss")
+    run_demo(steps=steps, out=out, console=Console())
 
 
 def main() -> None:  # pragma: no cover - the console script calls app directly

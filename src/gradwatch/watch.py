@@ -630,6 +630,14 @@ class Watcher:
                 self._writer.close()
                 self._writer = None
 
+    def diagnose(self):
+        """Flush and diagnose what has been recorded so far (see :func:`gradwatch.diagnose`)."""
+        from .diagnose import diagnose
+
+        if not self._closed:
+            self._safe_flush()
+        return diagnose(self.run_dir)
+
     def __enter__(self) -> Watcher:
         return self
 

@@ -110,3 +110,46 @@ def print_show(run: Run, console: Console | None = None) -> None:
     for line in summary_lines(run):
         console.print(line)
     console.print(layer_table(run))
+
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def render_report(report) -> object:
+    """A rich renderable for a diagnosis :class:`~gradwatch.diagnose.Report`."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.syntax import Syntax
+    from rich.text import Text
+
+    run = report.run
+    if not report.findings:
+        head = Text(
+            f"healthy: no findings over {run.get('steps', 0)} steps and {run.get('layers', 0)} layers",
+            "green",
+        )
+        return Group(head)
+    verdict = "healthy (only notes)" if report.healthy else "not healthy"
+    parts: list = [
+        Text(
+            f"{verdict}: {len(report.findings)} finding(s) over {run.get('steps', 0)} steps", "bold"
+        )
+    ]
+    for f in report.findings:
+        body: list = [Text(f.summary)]
+        if f.layers:
+            more = f" (+{len(f.layers) - 8} more)" if len(f.layers) > 8 else ""
+            body.append(Text(f"layers: {', '.join(f.layers[:8])}{more}", "dim"))
+        if f.first_step is not None:
+            body.append(Text(f"steps: {f.first_step} to {f.last_step}", "dim"))
+        for i, cause in enumerate(f.causes[:3], 1):
+            body.append(Text(f"why ({i}): {cause.text}"))
+        for i, rem in enumerate(f.remedies[:3], 1):
+            body.append(Text(f"fix ({i}) [{rem.id}]: {rem.text}", "green"))
+            if i == 1:
+                body.append(
+                    Syntax(rem.code, "python", theme="ansi_dark", background_color="default")
+                )
+        title = f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]: {f.kind}"
+        parts.append(Panel(Group(*body), title=title, title_align="left"))
+    return Group(*parts)

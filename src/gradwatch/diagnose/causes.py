@@ -1,0 +1,214 @@
+"""Likely causes of a finding, each scored from measured evidence, and the remedies they call for."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..remedies.catalogue import REMEDIES
+from .findings import Cause, Remedy
+from .profile import RunView, nanmedian
+
+SATURATING_KINDS = {"sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign"}
+# Weight std x sqrt(fan_in) that keeps the signal's scale through each activation:
+# He et al. 2015 for ReLU, the mean-field critical point sigma_w^2 = 1 for tanh at
+# sigma_b = 0 (Poole et al. 2016), 1 for a linear map.
+HEALTHY_INIT_GAIN = {"relu": math.sqrt(2.0), "relu6": math.sqrt(2.0), "tanh": 1.0, None: 1.0}
+INIT_TOLERANCE = 2.0  # a factor of 2 either way compounds to 2^depth
+
+REMEDIES_FOR: dict[str, list[str]] = {
+    "saturating_activation": ["relu", "gelu", "batchnorm", "residual"],
+    "init_too_small": ["he_init", "xavier_init", "lsuv_init"],
+    "init_too_large": ["he_init", "xavier_init", "clip_grad_norm"],
+    "depth_without_normalization": ["residual", "batchnorm", "layernorm"],
+    "recurrent_radius_above_1": ["clip_grad_norm", "orthogonal_init", "lstm_gru"],
+    "recurrent_radius_below_1": ["lstm_gru", "orthogonal_init"],
+    "learning_rate_too_high": ["lower_lr", "warmup", "clip_grad_norm"],
+    "learning_rate_too_low": ["he_init", "relu"],
+    "log_of_zero": ["log_softmax"],
+    "low_precision_overflow": ["loss_scaling", "clip_grad_norm"],
+    "dead_relu": ["lower_lr", "leaky_relu", "he_init"],
+}
+
+
+def remedies_for(causes: list[Cause]) -> list[Remedy]:
+    """Remedies in the order of the causes they answer, each once."""
+    seen: list[str] = []
+    for cause in causes:
+        for rid in REMEDIES_FOR.get(cause.id, []):
+            if rid not in seen:
+                seen.append(rid)
+    return [REMEDIES[r] for r in seen]
+
+
+def rank(causes: list[Cause | None]) -> list[Cause]:
+    return sorted((c for c in causes if c is not None), key=lambda c: -c.score)
+
+
+def _model_layers(view: RunView, model: str) -> list[int]:
+    return [
+        j
+        for j, info in enumerate(view.info)
+        if (info.model or "") == model and info.exec_order is not None
+    ]
+
+
+def saturating_activations(view: RunView, model: str) -> Cause | None:
+    cols = [j for j in _model_layers(view, model) if view.info[j].kind in SATURATING_KINDS]
+    if not cols:
+        return None
+    kinds = sorted({view.info[j].kind for j in cols})
+    sat = view.m("saturated_frac")[view.finite_rows][:, cols]
+    frac = float(nanmedian(sat)) if np.isfinite(sat).any() else 0.0
+    n_sigmoid = sum(view.info[j].kind == "sigmoid" for j in cols)
+    evidence = {
+        "activation_layers": len(cols),
+        "kinds": kinds,
+        "median_saturated_frac": round(frac, 4),
+    }
+    text = f"{len(cols)} saturating activation layers ({', '.join(kinds)}); median saturated fraction {frac:.0%}"
+    if n_sigmoid:
+        bound = 0.25**n_sigmoid
+        evidence["sigmoid_derivative_bound"] = bound
+        text += f"; sigmoid' <= 0.25, so {n_sigmoid} sigmoid layers scale the error by at most 0.25^{n_sigmoid} = {bound:.1e}"
+    return Cause("saturating_activation", text, 2.0 + 3 * frac + 0.1 * n_sigmoid, evidence)
+
+
+def _activation_after(view: RunView, cols: list[int], j: int) -> str | None:
+    """The activation family of the first activation layer after weighted layer j."""
+    later = [c for c in cols if view.info[c].exec_order > view.info[j].exec_order]
+    for c in sorted(later, key=lambda c: view.info[c].exec_order):
+        if view.info[c].n_params and view.info[c].fan_in:
+            return None
+        if view.info[c].kind:
+            return view.info[c].kind
+    return None
+
+
+def init_scale(view: RunView, model: str, too: str) -> Cause | None:
+    """Weight std x sqrt(fan_in) at the first step against the He/critical value."""
+    cols = _model_layers(view, model)
+    weight = view.run.param_matrix("weight_norm") if "weight_norm" in view.run.metrics else None
+    if weight is None:
+        return None
+    rows = np.flatnonzero(np.isfinite(weight).any(axis=1))
+    if not rows.size:
+        return None
+    ratios, details = [], []
+    layer_of = {p.id: p for p in view.run.param_info}
+    col_of = {info.id: j for j, info in enumerate(view.info)}
+    for k, p in enumerate(view.run.param_info):
+        j = col_of.get(p.layer_id)
+        if (
+            j not in cols
+            or not p.name.endswith("weight")
+            or not view.info[j].fan_in
+            or "Norm" in view.info[j].type
+        ):
+            continue
+        kind = _activation_after(view, cols, j)
+        if kind in SATURATING_KINDS - {"tanh"}:
+            continue  # no scale makes sigmoid layers healthy; the activation is the cause
+        norm = weight[rows[0], k]
+        if not np.isfinite(norm):
+            continue
+        gain = norm / math.sqrt(layer_of[p.id].numel) * math.sqrt(view.info[j].fan_in)
+        target = HEALTHY_INIT_GAIN.get(kind, 1.0)
+        ratios.append(gain / target)
+        details.append((view.info[j].name, round(gain, 3), round(target, 3)))
+    if not ratios:
+        return None
+    ratio = float(np.median(ratios))
+    off = ratio < 1 / INIT_TOLERANCE if too == "small" else ratio > INIT_TOLERANCE
+    if not off:
+        return None
+    depth = len(ratios)
+    text = (
+        f"init scale: weight std x sqrt(fan_in) is {ratio:.2f}x the He/critical value in the median layer "
+        f"(e.g. {details[0][0]}: {details[0][1]} vs {details[0][2]}); over {depth} layers that compounds "
+        f"to {ratio**depth:.1e}"
+    )
+    evidence = {"median_ratio_to_healthy": round(ratio, 4), "layers": details[:8]}
+    return Cause(f"init_too_{too}", text, 1.5 + abs(math.log2(ratio)), evidence)
+
+
+def depth_without_normalization(view: RunView, model: str, depth: int) -> Cause | None:
+    types = {view.info[j].type for j in _model_layers(view, model)}
+    if depth < 8 or any("Norm" in t for t in types):
+        return None
+    text = (
+        f"{depth} parametrised layers in series with no normalization layers: without residual paths "
+        "the error passes through every layer's Jacobian"
+    )
+    return Cause("depth_without_normalization", text, 1.0, {"depth": depth})
+
+
+def recurrent_radius(view: RunView, model: str, above: bool) -> Cause | None:
+    cols = [j for j in _model_layers(view, model) if view.info[j].type in ("RNN", "LSTM", "GRU")]
+    radius = view.m("recurrent_radius")
+    found = []
+    for j in cols:
+        values = radius[:, j][np.isfinite(radius[:, j])]
+        if values.size:
+            found.append((view.info[j].name, view.info[j].type, float(values[0])))
+    hits = [f for f in found if (f[2] > 1.0 if above else f[2] < 0.9)]
+    if not hits:
+        return None
+    name, kind, r = max(hits, key=lambda f: abs(math.log(f[2])))
+    direction = "above" if above else "below"
+    text = (
+        f"the recurrent matrix of {name} ({kind}) has spectral radius {r:.3g}, {direction} 1: backpropagation "
+        f"through time multiplies the error by it once per time step"
+    )
+    score = 2.5 if kind == "RNN" else 1.0
+    return Cause(
+        f"recurrent_radius_{direction}_1", text, score, {"layer": name, "spectral_radius": r}
+    )
+
+
+def learning_rate(view: RunView, rows: np.ndarray, high: bool) -> Cause | None:
+    ratio = view.m("update_ratio")[rows]
+    if not np.isfinite(ratio).any():
+        return None
+    med = float(nanmedian(ratio))
+    top = float(np.nanmax(ratio))
+    if high and top > 1e-2:
+        text = (
+            f"learning rate too high for the weights' scale: updates reach {top:.1e} of the weight norm "
+            f"per step (median {med:.1e}; about 1e-3 is healthy)"
+        )
+        return Cause(
+            "learning_rate_too_high", text, 1.0 + math.log10(top / 1e-3), {"max_update_ratio": top}
+        )
+    return None
+
+
+def log_of_zero(view: RunView, row: int, col: int) -> Cause | None:
+    mean = view.m("act_mean")[row, col]
+    info = view.info[col]
+    if mean == -np.inf and not info.n_params:
+        text = (
+            f"{info.name} ({info.type}) produced -inf, the signature of log(0): a softmax or sigmoid that "
+            "underflowed to exactly 0 before a log"
+        )
+        return Cause("log_of_zero", text, 5.0, {"module": info.name, "output_mean": "-inf"})
+    return None
+
+
+def low_precision_overflow(view: RunView, row: int, col: int) -> Cause | None:
+    """inf where the same layer's values were moderate the step before: an fp16 overflow."""
+    mean = view.m("act_mean")[row, col]
+    if not np.isinf(mean) or row == 0:
+        return None
+    earlier = np.abs(np.concatenate([view.m(m)[:row, col] for m in ("act_mean", "act_std")]))
+    earlier = earlier[np.isfinite(earlier)]
+    if earlier.size and earlier.max() < 1e30:
+        peak = float(earlier.max())
+        text = (
+            f"{view.info[col].name} overflowed to inf from values of scale {peak:.3g}, far inside float32's "
+            "range: a float16 overflow (its largest value is 65504), or an exp or division of moderate values"
+        )
+        score = 3.0 if 1e3 < peak < 1e5 else 1.0  # near float16's ceiling
+        return Cause("low_precision_overflow", text, score, {"largest_earlier_value": peak})
+    return None

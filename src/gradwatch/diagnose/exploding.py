@@ -1,0 +1,120 @@
+"""Exploding gradients: errors that grow over depth, or gradient norms that spike over time.
+
+Two signatures. Over depth: the backpropagated error grows by orders of magnitude
+towards the input (see depth.py). Over time: a layer's gradient norm jumps to
+``SPIKE`` times its running median, which recurrent nets show when a sequence
+drives the hidden state into a region of large Jacobians. A single spike counts
+only when harm follows it (the run turns non-finite soon after); otherwise it
+has to recur.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import causes
+from .depth import affected_layers, depth_episodes, episode_evidence
+from .findings import Finding
+from .profile import WARMUP_STEPS, RunView
+
+SPIKE = 100.0  # two orders of magnitude above the recent median
+HISTORY = 20  # steps in the running median
+HARM_WITHIN = 10  # steps from a spike to the first inf/NaN for the spike to count alone
+
+
+def spikes(view: RunView) -> dict[int, list[tuple[int, float]]]:
+    """Per layer column: (row, ratio to running median) of each spike."""
+    grad = view.m("grad_norm")
+    found: dict[int, list[tuple[int, float]]] = {}
+    for col in range(grad.shape[1]):
+        series = grad[:, col]
+        for row in range(WARMUP_STEPS, len(series)):
+            prev = series[max(0, row - HISTORY) : row]
+            prev = prev[np.isfinite(prev) & (prev > 0)]
+            if prev.size < 3:
+                continue
+            base = float(np.median(prev))
+            value = series[row]
+            ratio = float("inf") if not np.isfinite(value) else value / base
+            if ratio >= SPIKE:
+                found.setdefault(col, []).append((row, ratio))
+                if not np.isfinite(value):
+                    break  # after the first inf/NaN the series means nothing
+    return found
+
+
+def _over_time(view: RunView) -> Finding | None:
+    found = spikes(view)
+    if not found:
+        return None
+    first_row = min(r for hits in found.values() for r, _ in hits)
+    bad = view.first_nonfinite_row
+    harmed = bad is not None and first_row <= bad <= first_row + HARM_WITHIN
+    recurring = max(len(h) for h in found.values()) >= 3
+    if not (harmed or recurring):
+        return None
+    order = sorted(found, key=lambda c: (-min(max(r for _, r in found[c]), 1e300), found[c][0][0]))
+    layers = [view.names[c] for c in order]
+    top = max((r for _, r in found[order[0]]), default=0.0)
+    rows = np.arange(max(0, first_row - HISTORY), first_row + 1)
+    model = view.info[order[0]].model or ""
+    found_causes = causes.rank(
+        [
+            causes.recurrent_radius(view, model, above=True),
+            causes.learning_rate(view, rows, high=True),
+            causes.init_scale(view, model, "large"),
+        ]
+    )
+    steps = view.steps
+    last_row = max(r for hits in found.values() for r, _ in hits)
+    top_text = "to inf/NaN" if not np.isfinite(top) else f"{top:.2g}x above its running median"
+    summary = (
+        f"The gradient norm of {layers[0]} spikes {top_text} at step {int(steps[first_row])}"
+        + (", and the run turns non-finite right after." if harmed else ", again and again.")
+    )
+    evidence = {
+        "spiking_layers": {
+            view.names[c]: [int(steps[r]) for r, _ in found[c]][:10] for c in order[:5]
+        },
+        "largest_ratio_to_running_median": None if not np.isfinite(top) else round(top, 1),
+        "first_nonfinite_step": None if bad is None else int(steps[bad]),
+    }
+    return Finding(
+        "exploding_gradient", "warning", layers, int(steps[first_row]), int(steps[last_row]), summary, evidence,
+        found_causes,
+    )  # fmt: skip
+
+
+def check(view: RunView) -> list[Finding]:
+    findings = []
+    for episode in depth_episodes(view, direction=-1):
+        ev = episode_evidence(view, episode)
+        layers = affected_layers(view, episode)
+        found = causes.rank(
+            [
+                causes.init_scale(view, episode.model, "large"),
+                causes.learning_rate(view, view.finite_rows, high=True),
+                causes.recurrent_radius(view, episode.model, above=True),
+            ]
+        )
+        summary = (
+            f"The backpropagated error grows by {ev['gain_per_layer']:.2g}x per layer on its way to the input: "
+            f"{-ev['orders_of_magnitude_across_depth']:.1f} orders of magnitude across {ev['layers_in_profile']} "
+            f"layers, from step {episode.first_step}."
+        )
+        findings.append(
+            Finding(
+                "exploding_gradient",
+                "warning",
+                layers,
+                episode.first_step,
+                episode.last_step,
+                summary,
+                ev,
+                found,
+            )
+        )
+    over_time = _over_time(view)
+    if over_time is not None:
+        findings.append(over_time)
+    return findings

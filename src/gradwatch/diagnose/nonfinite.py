@@ -1,0 +1,57 @@
+"""Non-finite values: where inf/NaN first appeared, and what produced it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import causes
+from .findings import Finding
+from .profile import RunView
+
+
+def check(view: RunView) -> list[Finding]:
+    row = view.first_nonfinite_row
+    if row is None:
+        return []
+    info = view.step_rows[row]
+    step = int(view.steps[row])
+    module = info["nonfinite_module"]
+    params = info["nonfinite_params"]
+    bad_rows = [i for i, r in enumerate(view.step_rows) if r["nonfinite"]]
+    if module:
+        col = view.names.index(module)
+        where = f"in the forward output of {module} ({view.info[col].type})"
+        layers = [module]
+        found = causes.rank(
+            [
+                causes.log_of_zero(view, row, col),
+                causes.low_precision_overflow(view, row, col),
+                causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True),
+            ]
+        )
+    elif params:
+        where = f"in the gradients of {', '.join(params[:3])}" + (
+            " and more" if len(params) > 3 else ""
+        )
+        layers = list(dict.fromkeys(p.rsplit(".", 1)[0] if "." in p else "(root)" for p in params))
+        found = causes.rank(
+            [causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True)]
+        )
+    else:
+        where = "in the loss, while every module output and gradient was finite"
+        layers = []
+        found = causes.rank(
+            [causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True)]
+        )
+    summary = f"inf/NaN first appeared at step {step} {where}."
+    evidence = {
+        "first_step": step,
+        "first_module": module,
+        "nonfinite_params": params[:20],
+        "loss_at_step": info["loss"]
+        if info["loss"] is None or np.isfinite(info["loss"])
+        else str(info["loss"]),
+        "nonfinite_steps": len(bad_rows),
+    }
+    last = int(view.steps[bad_rows[-1]]) if bad_rows else step
+    return [Finding("nonfinite", "error", layers, step, last, summary, evidence, found)]

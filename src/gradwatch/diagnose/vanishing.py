@@ -1,0 +1,42 @@
+"""Vanishing gradients: the backpropagated error shrinks layer after layer towards the input."""
+
+from __future__ import annotations
+
+from . import causes
+from .depth import affected_layers, depth_episodes, episode_evidence
+from .findings import Finding
+from .profile import RunView
+
+
+def check(view: RunView) -> list[Finding]:
+    findings = []
+    for episode in depth_episodes(view, direction=+1):
+        ev = episode_evidence(view, episode)
+        layers = affected_layers(view, episode)
+        depth = ev["layers_in_profile"]
+        found = causes.rank(
+            [
+                causes.saturating_activations(view, episode.model),
+                causes.init_scale(view, episode.model, "small"),
+                causes.depth_without_normalization(view, episode.model, depth),
+                causes.recurrent_radius(view, episode.model, above=False),
+            ]
+        )
+        summary = (
+            f"The backpropagated error shrinks by {ev['gain_per_layer']:.2g}x per layer on its way to the input: "
+            f"{ev['orders_of_magnitude_across_depth']:.1f} orders of magnitude across {depth} layers, from step "
+            f"{episode.first_step}. {', '.join(layers[:4]) or 'The early layers'} barely learn."
+        )
+        findings.append(
+            Finding(
+                "vanishing_gradient",
+                "warning",
+                layers,
+                episode.first_step,
+                episode.last_step,
+                summary,
+                ev,
+                found,
+            )
+        )
+    return findings
