@@ -165,19 +165,22 @@ def _q_fixed_point(
         # so step away from it instead, at least doubling or halving q: up while the map
         # pushes up, down towards the root in [0, q) that g(0) >= 0 > g(q) promises.
         climbing = ~use_newton & (g > 0)
-        # Past 100 the climb speeds up: a bounded activation's fixed point lies near sigma_w2 + sigma_b2.
+        # Far above sigma_w2 + sigma_b2 (where a bounded activation's q* lies) climb faster.
         factor = np.where(qi > 100.0 * np.maximum(1.0, sw[idx] + sb[idx]), 100.0, 2.0)
         fallback = np.where(climbing, np.maximum(mapped, factor * qi), np.minimum(mapped, 0.5 * qi))
-        fallback = np.where(g == 0, qi, fallback)
         # A Newton step below zero means the root lies in [0, q): try q = 0 next.
         new = np.maximum(np.where(use_newton, newton, fallback), 0.0)
+        # Already a fixed point to rounding (e.g. relu at sigma_w2 = 2, sigma_b2 = 0).
+        settled = np.abs(g) <= 1e-14 * qi
+        new = np.where(settled, qi, new)
         # Newton converges quadratically: a relative step of 1e-9 leaves an error near 1e-18.
         tol = np.where(use_newton, 1e-9 * qi, 1e-14 * np.maximum(1.0, qi))
-        done = np.abs(new - qi) <= tol
+        done = settled | (np.abs(new - qi) <= tol)
         done |= (qi < _Q_ZERO) & (mapped < _Q_ZERO) & use_newton  # q* = 0 is attracting
         # Still climbing with slope >= 1 far above the bias: the length grows without
         # bound (relu with sigma_w2 >= 2 and sigma_b2 > 0, or linear with sigma_w2 > 1).
-        blown = (climbing & (qi > _Q_HUGE * np.maximum(1.0, sb[idx]))) | (new > Q_INFINITE)
+        blown = climbing & ~settled & (qi > _Q_HUGE * np.maximum(1.0, sb[idx]))
+        blown |= new > Q_INFINITE
         q[idx] = np.where(blown, np.inf, new)
         active[idx] = ~(done | blown)
     q[q < _Q_ZERO] = 0.0
