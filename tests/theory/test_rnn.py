@@ -34,6 +34,19 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
+@pytest.fixture
+def one_thread():
+    """Run a loop of thousands of tiny ops on one intra-op thread.
+
+    Threads gain nothing on 200 x 20 matrices, and on a shared, busy machine every
+    parallel region can wait for a scheduler slice: 1 s of work took 50 s with 2 threads.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- mean-field exponent
 def _scipy_mean_field_lyapunov(g: float) -> float:
     """The case's formula, evaluated with adaptive quadrature (independent of gradwatch)."""
@@ -85,7 +98,7 @@ def _random_coupling(n: int, g: float, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.slow  # 1200 steps of a 1000-unit network: ~3 s idle, ~20 s on a busy 2-core box
-def test_rnn_lyapunov_discrete_simulation(validation_cases):
+def test_rnn_lyapunov_discrete_simulation(validation_cases, one_thread):
     sim = validation_cases["rnn_lyapunov_discrete"]["simulation"]
     coupling = _random_coupling(sim["N"], sim["g"], seed=0)
     h0 = torch.randn(sim["N"], generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -95,7 +108,7 @@ def test_rnn_lyapunov_discrete_simulation(validation_cases):
     assert float(spectrum[0]) == pytest.approx(sim["expected"], abs=sim["abs_tol"])
 
 
-def test_rnn_lyapunov_qr_equals_eigs(validation_cases):
+def test_rnn_lyapunov_qr_equals_eigs(validation_cases, one_thread):
     case = validation_cases["rnn_lyapunov_qr_equals_eigs"]
     n, g, top = case["setup"]["N"], case["setup"]["g"], case["setup"]["top"]
     coupling = _random_coupling(n, g, seed=0)
@@ -117,7 +130,7 @@ def test_qr_on_a_non_normal_linear_map_gives_log_moduli():
     assert torch.allclose(spectrum, want, atol=1e-9)
 
 
-def test_driven_system_uses_its_inputs():
+def test_driven_system_uses_its_inputs(one_thread):
     # h_{t+1} = x_t * h_t: the exponents are the time averages of ln|x_t,i|.
     gen = torch.Generator().manual_seed(4)
     scales = torch.tensor([2.0, 1.0, 0.5, 0.25], dtype=F64)
@@ -143,7 +156,7 @@ def test_rnn_helper_at_its_fixed_point_gives_log_eigs_of_w_hh():
 
 
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
-def test_gated_helpers_at_a_fixed_point_match_the_autograd_jacobian(cls):
+def test_gated_helpers_at_a_fixed_point_match_the_autograd_jacobian(cls, one_thread):
     torch.manual_seed(1)
     module = cls(2, 4).double()
     with torch.no_grad():

@@ -37,8 +37,9 @@ class Activation:
         derivative: phi' as a torch function. When ``None`` it comes from autograd.
         name: Label used in messages and reports.
         closed_form: Name of a closed-form Gaussian kernel in
-            :mod:`gradwatch.theory.gaussian` (``"relu"``, ``"erf"``, ``"linear"``),
+            :mod:`gradwatch.theory.kernels` (``"relu"``, ``"erf"``, ``"linear"``),
             or ``None`` to integrate numerically.
+        fused: Optional ``x -> (phi(x), phi'(x))`` in one pass, used when given.
 
     Example:
         >>> import torch
@@ -52,6 +53,10 @@ class Activation:
     derivative: TensorFn | None = None
     name: str = "custom"
     closed_form: str | None = field(default=None, compare=False)
+    # phi and phi' in one pass, where they share work (tanh' = 1 - tanh^2).
+    fused: Callable[[Tensor], tuple[Tensor, Tensor]] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     def value_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Evaluate phi(x) and phi'(x) elementwise.
@@ -68,6 +73,9 @@ class Activation:
             >>> act.value_and_derivative(torch.tensor([-1.0, 2.0]))[1].tolist()
             [0.0, 1.0]
         """
+        if self.fused is not None:
+            with torch.no_grad():
+                return self.fused(x)
         if self.derivative is not None:
             with torch.no_grad():
                 return self._checked(x, self.fn(x)), self._checked(x, self.derivative(x))
@@ -135,6 +143,21 @@ def _dleaky_relu(x: Tensor) -> Tensor:
     return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, 0.01))
 
 
+def _tanh_both(x: Tensor) -> tuple[Tensor, Tensor]:
+    y = torch.tanh(x)
+    return y, 1.0 - y * y
+
+
+def _sigmoid_both(x: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    return s, s * (1.0 - s)
+
+
+def _swish_both(x: Tensor) -> tuple[Tensor, Tensor]:
+    s = torch.sigmoid(x)
+    return x * s, s * (1.0 + x * (1.0 - s))
+
+
 def _identity(x: Tensor) -> Tensor:
     return x
 
@@ -145,15 +168,15 @@ def _ones(x: Tensor) -> Tensor:
 
 _REGISTRY: dict[str, Activation] = {
     "linear": Activation(_identity, _ones, "linear", "linear"),
-    "tanh": Activation(torch.tanh, _dtanh, "tanh"),
+    "tanh": Activation(torch.tanh, _dtanh, "tanh", fused=_tanh_both),
     "relu": Activation(torch.relu, _drelu, "relu", "relu"),
     "erf": Activation(torch.erf, _derf, "erf", "erf"),
-    "sigmoid": Activation(torch.sigmoid, _dsigmoid, "sigmoid"),
+    "sigmoid": Activation(torch.sigmoid, _dsigmoid, "sigmoid", fused=_sigmoid_both),
     "gelu": Activation(F.gelu, _dgelu, "gelu"),
     "selu": Activation(F.selu, _dselu, "selu"),
     "elu": Activation(F.elu, _delu, "elu"),
     "softplus": Activation(F.softplus, _dsoftplus, "softplus"),
-    "swish": Activation(F.silu, _dswish, "swish"),
+    "swish": Activation(F.silu, _dswish, "swish", fused=_swish_both),
     "leaky_relu": Activation(F.leaky_relu, _dleaky_relu, "leaky_relu"),
 }
 _ALIASES = {"identity": "linear", "silu": "swish"}
