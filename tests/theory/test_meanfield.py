@@ -324,3 +324,28 @@ def test_finite_width_backprop_ratio(validation_cases):
         measured = math.exp(float(logs.mean()))  # geometric mean over layers and seeds
         assert measured == pytest.approx(expected, rel=case["rel_tol"]), key
         assert measured == pytest.approx(mf.chi1, rel=case["rel_tol"]), key
+
+
+# ---------------------------------------------------------------- optional scipy
+def test_importing_theory_does_not_import_scipy():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    code = "import sys, gradwatch.theory; assert 'scipy' not in sys.modules, 'scipy imported'"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(src), "PATH": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_missing_scipy_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install 'gradwatch\[theory\]'"):
+        critical_sigma_w2("tanh", 0.05)

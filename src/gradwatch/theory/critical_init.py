@@ -31,6 +31,11 @@ class CriticalInit:
         sigma_w2: The critical weight variance (times fan-in) that was used.
         sigma_b2: The bias variance that was used.
         layers: Qualified names of the re-initialised modules, in order.
+
+    Example:
+        >>> from torch import nn
+        >>> critical_init(nn.Sequential(nn.Linear(8, 8), nn.Tanh())).layers
+        ['0']
     """
 
     activation: str

@@ -33,6 +33,7 @@ Q_LARGE = 1e8
 _Q_HUGE = 1e6
 # Variances below this are reported as exactly zero (q* = 0: the signal dies out).
 _Q_ZERO = 1e-10
+# Newton needs < 10 steps; halving near a double root (the bifurcation) about 50.
 _MAX_ITER = 200
 
 
@@ -50,6 +51,13 @@ class FixedPoints:
         chi_c: Slope of the c-map at c* (equals chi1 when c* = 1).
         q_eval: Where the slopes were evaluated: q* (at least 1e-12), or a large q when
             q* is infinite.
+
+    Example:
+        >>> import numpy as np
+        >>> from gradwatch.theory.kernels import ReluKernel
+        >>> fp = solve_fixed_points(ReluKernel(), np.array([1.0, 2.5]), np.array([0.1, 0.1]))
+        >>> fp.q_star.round(12).tolist(), fp.chi1.tolist()
+        ([0.2, inf], [0.5, 1.25])
     """
 
     q_star: np.ndarray

@@ -58,7 +58,15 @@ _COARSE_NODES = 40
 
 
 class GaussianMoments(Protocol):
-    """What the mean-field solver needs from an activation (float64 arrays throughout)."""
+    """What the mean-field solver needs from an activation (float64 arrays throughout).
+
+    Example:
+        >>> import numpy as np
+        >>> from gradwatch.theory.kernels import ReluKernel
+        >>> engine: GaussianMoments = ReluKernel()
+        >>> float(engine.moments_1d(np.array(2.0))[0])  # E[relu(u)^2] = q / 2
+        1.0
+    """
 
     def moments_1d(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return ``E[phi(u)^2]``, ``E[phi'(u)^2]`` and ``d/dq E[phi(u)^2]``, u ~ N(0, q)."""
@@ -166,6 +174,7 @@ class Quadrature(_OneDimensional):
         True
     """
 
+    # Defaults: ~1e-11 (1D, q <= 12) and ~1e-10 (2D, q <= 3) for tanh; see the module doc.
     def __init__(self, activation: Activation, n1: int = 200, n2: int = 100) -> None:
         super().__init__(activation, n1)
         self._n2 = n2
@@ -226,6 +235,8 @@ class HermiteSeries(_OneDimensional):
         True
     """
 
+    # Defaults: 160 terms leave ~1e-8 of tanh's series at q = 3, c = 0.999; the coefficient
+    # rule needs more nodes than terms, as h_k oscillates k times.
     def __init__(
         self, activation: Activation, n1: int = 200, terms: int = 160, n_coef: int = 240
     ) -> None:

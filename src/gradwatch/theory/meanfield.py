@@ -315,7 +315,8 @@ def critical_sigma_w2(
         def excess(sw: float, sb: float = float(sb)) -> float:
             return float(solve_chi1(moments, np.array(sw), np.array(sb))) - 1.0
 
-        lo, hi = 1e-6, 2.0  # chi1 ~ sigma_w2 phi'(.)^2 is tiny at the lower end
+        # chi1 ~ sigma_w2 phi'^2 is tiny at sigma_w2 = 1e-6; double hi until chi1 > 1.
+        lo, hi = 1e-6, 2.0
         while excess(hi) < 0.0:
             lo, hi = hi, 2.0 * hi
             if hi > 1e4:
