@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-SATURATED = {
-    nn.Sigmoid: lambda y: y * (1 - y) < 0.0025,
-    nn.Tanh: lambda y: 1 - y * y < 0.01,
+DERIVATIVE_OVER_MAX = {
+    nn.Sigmoid: lambda y: y * (1 - y) / 0.25,
+    nn.Tanh: lambda y: 1 - y * y,
 }
 
 
@@ -97,9 +97,12 @@ class Reference:
                 row[(name, "act_mean")] = float(acts.mean())
                 row[(name, "act_std")] = float(acts.std(correction=0))
                 row[(name, "act_rms")] = float(acts.pow(2).mean().sqrt())
-                kind = next((f for cls, f in SATURATED.items() if isinstance(module, cls)), None)
-                if kind is not None:
-                    row[(name, "saturated_frac")] = float(kind(acts).double().mean())
+                slope = next(
+                    (f for cls, f in DERIVATIVE_OVER_MAX.items() if isinstance(module, cls)), None
+                )
+                if slope is not None:
+                    row[(name, "saturated_frac")] = float((slope(acts) < 0.01).double().mean())
+                    row[(name, "act_derivative")] = float(slope(acts).mean())
                 if isinstance(module, nn.ReLU):
                     row[(name, "zero_frac")] = float((acts == 0).double().mean())
                     for first, _ in calls:

@@ -19,6 +19,7 @@ METRICS = [
     "act_mean",
     "act_std",
     "saturated_frac",
+    "act_derivative",
     "zero_frac",
     "update_ratio",
 ]

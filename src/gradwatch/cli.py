@@ -22,6 +22,17 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _mount_theory() -> None:
+    from .theory.cli import app as theory_app
+
+    app.add_typer(
+        theory_app, name="theory", help="Theory, computed: mean field, phases, Jacobian spectra."
+    )
+
+
+_mount_theory()
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error and return the Exit to raise."""
     err.print(f"[red]error:[/red] {message}")

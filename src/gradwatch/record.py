@@ -205,6 +205,8 @@ def _layer_metrics(row, acc, cnt, moments, scale, param_layer, param_numel) -> N
                 bad_layers.add(idx)
         elif code == "sat" and n:
             row.layer[(idx, "saturated_frac")] = value / n
+        elif code == "dsum" and n:
+            row.layer[(idx, "act_derivative")] = value / n
         elif code == "zero" and n:
             row.layer[(idx, "zero_frac")] = value / n
         elif code == "err":

@@ -23,7 +23,8 @@ Schema (version 1):
 ``layer_metrics(step, layer_id, metric, value)``
     Long format. Metrics: grad_norm, grad_zero_frac, error_norm, error_rms (the error
     norm over the square root of the output's size), act_mean, act_std,
-    saturated_frac, zero_frac, dead_frac, update_ratio, weight_norm, nonfinite and,
+    saturated_frac, act_derivative (mean derivative over its maximum, for saturating
+    activations), zero_frac, dead_frac, update_ratio, weight_norm, nonfinite and,
     for recurrent layers, recurrent_radius.
 ``param_metrics(step, param_id, metric, value)``
     grad_norm every step; update_norm and weight_norm on detailed steps.

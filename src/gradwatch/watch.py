@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import __version__
 from .layers import RECTIFYING, RECURRENT, Layer, discover_layers, named_roots
-from .probes.activations import moments, output_sum, saturation_mask, unit_max
+from .probes.activations import SATURATION_LEVEL, moments, output_sum, relative_derivative, unit_max
 from .probes.grads import grad_norms, vector_norm, zero_counts
 from .probes.numerics import NonFiniteError
 from .probes.recurrent import recurrent_radius
@@ -299,7 +299,7 @@ class Watcher:
 
     def _make_layer_hook(self, layer: Layer) -> Callable:
         index, name, root = layer.index, layer.name, layer.root
-        saturated = saturation_mask(layer.module, layer.kind)
+        derivative = relative_derivative(layer.module, layer.kind)
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -322,8 +322,10 @@ class Watcher:
             var, mean = moments(out)
             buf.add(("l", index, "fmean"), mean, n)
             buf.add(("l", index, "fvar"), var, n)
-            if saturated is not None:
-                buf.add(("l", index, "sat"), saturated(out.detach()).sum(), n)
+            if derivative is not None:
+                slope = derivative(out.detach().float())
+                buf.add(("l", index, "sat"), (slope < SATURATION_LEVEL).sum(), n)
+                buf.add(("l", index, "dsum"), slope.sum(), n)
             if rectifier:
                 buf.add(("l", index, "zero"), (out.detach() == 0).sum(), n)
                 self._track_alive(index, out)

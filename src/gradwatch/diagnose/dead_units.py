@@ -17,7 +17,7 @@ LEVEL = 0.5  # half the layer dead: SageMaker Debugger's layer threshold
 
 
 def check(view: RunView) -> list[Finding]:
-    dead = view.m("dead_frac")
+    dead = view.m("dead_frac")[view.finite_rows]  # NaN outputs say nothing about dead units
     hits = []
     for col in range(dead.shape[1]):
         rows = np.flatnonzero(np.isfinite(dead[:, col]))

@@ -56,6 +56,8 @@ def _over_time(view: RunView) -> Finding | None:
     order = sorted(found, key=lambda c: (-min(max(r for _, r in found[c]), 1e300), found[c][0][0]))
     layers = [view.names[c] for c in order]
     top = max((r for _, r in found[order[0]]), default=0.0)
+    first_col = min(found, key=lambda c: found[c][0][0])
+    first_ratio = found[first_col][0][1]
     rows = np.arange(max(0, first_row - HISTORY), first_row + 1)
     model = view.info[order[0]].model or ""
     found_causes = causes.rank(
@@ -67,10 +69,18 @@ def _over_time(view: RunView) -> Finding | None:
     )
     steps = view.steps
     last_row = max(r for hits in found.values() for r, _ in hits)
-    top_text = "to inf/NaN" if not np.isfinite(top) else f"{top:.2g}x above its running median"
+    first_text = (
+        "to inf/NaN"
+        if not np.isfinite(first_ratio)
+        else f"to {first_ratio:.2g}x its running median"
+    )
     summary = (
-        f"The gradient norm of {layers[0]} spikes {top_text} at step {int(steps[first_row])}"
-        + (", and the run turns non-finite right after." if harmed else ", again and again.")
+        f"The gradient norm of {view.names[first_col]} jumps {first_text} at step {int(steps[first_row])}"
+        + (
+            f"; the run turns non-finite at step {int(steps[bad])}."
+            if harmed
+            else ", and such spikes recur."
+        )
     )
     evidence = {
         "spiking_layers": {

@@ -1,8 +1,10 @@
 """Saturated activations: sigmoid/tanh units stuck where their derivative is ~0.
 
 A unit counts as saturated where the derivative is below 1% of its maximum (the
-probe's definition). A layer is flagged when the median fraction over the judged
-steps is at least ``LEVEL``: then most of the layer passes almost no gradient.
+probe's definition). A layer is flagged when, over the judged steps, the median
+fraction of saturated units is at least ``LEVEL``, or the median of the layer's mean
+derivative (over its maximum) is at most ``LOW_DERIVATIVE``: either way the layer
+passes a small fraction of the gradient its activation could pass.
 """
 
 from __future__ import annotations
@@ -14,36 +16,47 @@ from .findings import Finding
 from .profile import RunView, nanmedian
 
 LEVEL = 0.5  # half the units saturated, as SageMaker Debugger's rule flags a layer
+LOW_DERIVATIVE = 0.05  # the layer passes at most 1/20 of the gradient it could
 
 
 def check(view: RunView) -> list[Finding]:
     sat = view.m("saturated_frac")
+    slope = view.m("act_derivative")
     rows = view.finite_rows
     hits = []
     for col, info in enumerate(view.info):
         if info.kind not in causes.SATURATING_KINDS:
             continue
-        values = sat[rows, col]
+        values, slopes = sat[rows, col], slope[rows, col]
         measured = np.isfinite(values)
         if measured.sum() < 2:
             continue
         median = float(nanmedian(values))
-        if median >= LEVEL:
-            over = rows[measured & (values >= LEVEL)]
-            hits.append((median, col, int(view.steps[over[0]]), int(view.steps[over[-1]])))
+        mean_slope = float(nanmedian(slopes)) if np.isfinite(slopes).any() else 1.0
+        if median >= LEVEL or mean_slope <= LOW_DERIVATIVE:
+            over = rows[measured & ((values >= LEVEL) | (slopes <= LOW_DERIVATIVE))]
+            if over.size:
+                hits.append(
+                    (median, col, int(view.steps[over[0]]), int(view.steps[over[-1]]), mean_slope)
+                )
     if not hits:
         return []
-    hits.sort(reverse=True)
-    layers = [view.names[c] for _, c, _, _ in hits]
+    hits.sort(key=lambda h: (-h[0], h[4]))
+    layers = [view.names[h[1]] for h in hits]
     model = view.info[hits[0][1]].model or ""
     found = causes.rank(
         [causes.saturating_activations(view, model), causes.init_scale(view, model, "large")]
     )
+    top = hits[0]
     summary = (
-        f"{len(hits)} activation layer(s) are saturated: in {layers[0]}, {hits[0][0]:.0%} of the units sit where "
-        "the derivative is below 1% of its maximum, so they pass almost no gradient."
+        f"{len(hits)} activation layer(s) are saturated: in {layers[0]}, {top[0]:.0%} of the units have a "
+        f"derivative below 1% of its maximum and the mean derivative is {top[4]:.1%} of it, so the layer "
+        "passes almost no gradient."
     )
-    evidence = {"median_saturated_frac": {view.names[c]: round(m, 4) for m, c, _, _ in hits}}
+    evidence = {
+        "median_saturated_frac": {view.names[h[1]]: round(h[0], 4) for h in hits},
+        "median_derivative_over_max": {view.names[h[1]]: round(h[4], 4) for h in hits},
+    }
     first = min(h[2] for h in hits)
     last = max(h[3] for h in hits)
     return [Finding("saturation", "warning", layers, first, last, summary, evidence, found)]

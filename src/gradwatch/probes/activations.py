@@ -1,8 +1,10 @@
 """Activation health: output moments, saturated units, zeros and dead units.
 
 A unit is *saturated* where the activation's derivative is below 1% of its maximum:
-for a sigmoid that is y(1-y) < 0.0025 (|x| > 5.3), for tanh 1 - y^2 < 0.01
-(|y| > 0.995). A ReLU unit is *dead* when it outputs zero for every sample over a
+for a sigmoid that is y(1-y) < 0.0025 (|x| > 6), for tanh 1 - y^2 < 0.01
+(|y| > 0.995). The mean of the derivative over its maximum is kept as well: a layer
+whose units all sit at sigmoid(5) is not "saturated" by the 1% rule, yet passes only
+2.6% of the gradient it could. A ReLU unit is *dead* when it outputs zero for every sample over a
 whole flush window; the window is tracked per unit on the device.
 """
 
@@ -17,25 +19,28 @@ from torch import nn
 SATURATION_LEVEL = 0.01
 
 
-def _hardtanh_flat(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    lo, hi = float(module.min_val), float(module.max_val)
-    return lambda y: (y <= lo) | (y >= hi)
+def _flat_outside(lo: float, hi: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda y: ((y > lo) & (y < hi)).to(y.dtype)
 
 
-def saturation_mask(
+def relative_derivative(
     module: nn.Module, kind: str | None
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A function from a module's output to a bool mask of saturated entries, or None."""
+    """A function from a module's output y to its derivative at each entry, over its maximum.
+
+    Written in terms of the output, which is all a forward hook sees. None for
+    activations that do not saturate.
+    """
     if kind == "sigmoid":
-        return lambda y: y * (1 - y) < SATURATION_LEVEL * 0.25  # sigmoid' peaks at 1/4
+        return lambda y: 4.0 * y * (1 - y)  # sigmoid' = y(1 - y), 1/4 at most
     if kind == "tanh":
-        return lambda y: 1 - y * y < SATURATION_LEVEL  # tanh' = 1 - tanh^2 peaks at 1
+        return lambda y: 1 - y * y  # tanh' = 1 - y^2, 1 at most
     if kind == "softsign":
-        return lambda y: (1 - y.abs()) ** 2 < SATURATION_LEVEL  # softsign' = (1 - |y|)^2
+        return lambda y: (1 - y.abs()) ** 2  # softsign' = (1 - |y|)^2
     if kind == "hardsigmoid":
-        return lambda y: (y <= 0) | (y >= 1)
+        return _flat_outside(0.0, 1.0)
     if kind == "hardtanh":
-        return _hardtanh_flat(module)
+        return _flat_outside(float(module.min_val), float(module.max_val))
     return None
 
 
