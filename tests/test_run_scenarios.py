@@ -91,3 +91,36 @@ def test_show_prints_a_table(scenario_runs):
     result = CliRunner().invoke(app, ["show", str(scenario_runs["nan_in_module.py"].run_dir)])
     assert result.exit_code == 0, result.output
     assert "2.logprob" in result.output and "non-finite" in result.output
+
+
+def test_a_script_that_dies_of_a_nan_still_gets_the_nonfinite_finding(tmp_path):
+    from typer.testing import CliRunner
+
+    from gradwatch.cli import app
+
+    script = tmp_path / "dies.py"
+    script.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class LogOf(nn.Module):\n    def forward(self, x):\n        return torch.log(x)\n"
+        "torch.manual_seed(0)\n"
+        "model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), LogOf(), nn.Linear(8, 1))\n"
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "for step in range(50):\n"
+        "    if step == 5:\n"
+        "        model[0].bias.data.fill_(-1e4)\n"
+        "    loss = model(torch.randn(16, 4)).pow(2).mean()\n"
+        "    if not torch.isfinite(loss):\n"
+        "        raise FloatingPointError(f'loss is {loss.item()} at step {step}')\n"
+        "    opt.zero_grad(); loss.backward(); opt.step()\n"
+    )
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        app, ["run", "--out", str(tmp_path / "r"), "--json", str(out), str(script)]
+    )
+    assert result.exit_code == 1
+    assert "FloatingPointError" in result.output
+    report = json.loads(out.read_text())
+    nonfinite = [f for f in report["findings"] if f["kind"] == "nonfinite"]
+    assert nonfinite and nonfinite[0]["layers"] == ["2"] and nonfinite[0]["first_step"] == 5
+    assert "log_of_zero" in nonfinite[0]["cause_ids"]
+    assert "nonfinite" in result.output and "2 (LogOf)" in result.output

@@ -52,6 +52,8 @@ def default_run_dir(name: str = "run") -> Path:
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
+    if type(output) is torch.Tensor:  # the common case, without flattening a pytree
+        return output if output.is_floating_point() else None
     for leaf in tree_leaves(output):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return leaf
@@ -264,8 +266,8 @@ class Watcher:
         self._open.forward_seen = True
 
     def _root_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._closed or not self._training(module):
-            return
+        if self._closed or self._optimizers or not self._training(module):
+            return  # with an optimizer, its step marks the step; no need to find backward's end
         out = _first_tensor(output)
         if out is not None and out.requires_grad:
             out.register_hook(self._arm_backward_end)
@@ -300,6 +302,7 @@ class Watcher:
     def _make_layer_hook(self, layer: Layer) -> Callable:
         index, name, root = layer.index, layer.name, layer.root
         derivative = relative_derivative(layer.module, layer.kind)
+        fsum_key = ("l", index, "fsum")
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -314,7 +317,9 @@ class Watcher:
             buf = self._open
             n = out.numel()
             total = output_sum(out)
-            buf.add(("l", index, "fsum"), total, n)
+            buf.keys.append(fsum_key)  # StepBuffer.add, inlined: this runs for every layer call
+            buf.values.append(total)
+            buf.counts.append(n)
             if self.stop_on_nonfinite and not bool(torch.isfinite(total)):  # host sync, opt-in
                 raise NonFiniteError(name, buf.step, "forward output")
             if not buf.detail:
