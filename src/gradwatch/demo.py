@@ -26,6 +26,7 @@ from .remedies import APPLICABLE, apply_remedies
 from .watch import watch
 
 DEPTH, WIDTH = 10, 64
+LR = 0.02  # with momentum 0.9: the same setting trains the fixed ReLU net to ~99% in 300 steps
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -65,7 +66,7 @@ def train(
 ) -> Trial:
     """SGD on mini-batches of 128 under gradwatch; returns the diagnosis and the losses."""
     generator = torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     losses = []
     with watch(model, opt, run=run_dir) as watcher:
         for _ in range(steps):
@@ -135,7 +136,7 @@ def run_demo(
     console.print(after.report)
     console.rule("[bold]3. Did it help?")
     table = Table()
-    for col in ("model", "loss at start", "loss at end", "train accuracy", "findings", "run store"):
+    for col in ("model", "loss at start", "loss at end", "train accuracy", "diagnosis"):
         table.add_column(col)
     for trial in (before, after):
         table.add_row(
