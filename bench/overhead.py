@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--block", type=int, default=None, help="steps per timed block")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", type=Path, help="write the results as a Markdown table here")
     parser.add_argument(
         "--memory", action="store_true", help="also measure peak RSS in child processes"
     )
@@ -260,7 +261,35 @@ def main(argv: list[str] | None = None) -> int:
         }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        args.markdown.write_text(markdown_table(results))
     return 0
+
+
+def markdown_table(results: dict) -> str:
+    """Methods as rows, workloads as columns: 'ratio (IQR)' or the reason there is none."""
+    workloads = [w for w in results if not w.startswith("_")]
+    methods = list(dict.fromkeys(m for w in workloads for m in results[w]))
+    lines = ["| method | " + " | ".join(workloads) + " |", "|---" * (len(workloads) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for w in workloads:
+            r = results[w].get(method)
+            if r is None:
+                cells.append("")
+            elif r["ratio"] is None:
+                cells.append(r.get("note", "n/a"))
+            else:
+                cells.append(f"{r['ratio']:.3f}x ({r['spread']:.3f})")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    memory = results.get("_memory", {}).get("mlp")
+    if memory:
+        lines += ["", "| method (MLP) | peak RSS | overhead |", "|---|---|---|"]
+        for method, r in memory.items():
+            lines.append(
+                f"| {method} | {r['peak_rss_kib'] / 1024:.1f} MiB | {r.get('overhead', 0):+.1%} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -126,7 +126,10 @@ class WandbWatch(Instrument):
         run.mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
         self.run = wandb.init(
-            mode="offline", dir=str(run), reinit=True, settings=wandb.Settings(silent=True)
+            mode="offline",
+            dir=str(run),
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True),
         )
         self.log_freq = log_freq
 

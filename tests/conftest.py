@@ -30,11 +30,19 @@ def _fixed_seed():
     yield
 
 
+def _run_all(folder: Path, out: Path) -> dict:
+    from scenarios import run_scenario
+
+    return {s.name: run_scenario(s, out) for s in sorted(folder.glob("*.py"))}
+
+
 @pytest.fixture(scope="session")
 def scenario_runs(shared_dir: Path, tmp_path_factory) -> dict:
     """Every shared scenario run once through `gradwatch run`, with its reference counts."""
-    from scenarios import run_scenario
+    return _run_all(shared_dir / "scenarios", tmp_path_factory.mktemp("scenarios"))
 
-    out = tmp_path_factory.mktemp("scenarios")
-    scripts = sorted((shared_dir / "scenarios").glob("*.py"))
-    return {s.name: run_scenario(s, out) for s in scripts}
+
+@pytest.fixture(scope="session")
+def own_scenario_runs(tmp_path_factory) -> dict:
+    """Every scenario of ours (./scenarios) run once through `gradwatch run`."""
+    return _run_all(ROOT / "scenarios", tmp_path_factory.mktemp("own-scenarios"))

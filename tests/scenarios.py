@@ -29,25 +29,37 @@ class ScenarioRun:
     report: dict
     run_dir: Path
     optimizer_steps: int
+    optimizers: int
     first_nonfinite: tuple[int, str] | None
+
+    @property
+    def rounds(self) -> int:
+        """Steps as gradwatch counts them: one round in which every optimizer stepped."""
+        return self.optimizer_steps // max(self.optimizers, 1)
 
 
 def _module_name(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> str:
     wanted = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer else set()
     for obj in gc.get_objects():
-        if isinstance(obj, nn.Module) and wanted <= {id(p) for p in obj.parameters()}:
-            for name, m in obj.named_modules():
-                if m is module and name:
-                    return name
+        if not issubclass(type(obj), nn.Module):  # not isinstance: lazy proxies warn when probed
+            continue
+        try:
+            if wanted <= {id(p) for p in obj.parameters()}:
+                for name, m in obj.named_modules():
+                    if m is module and name:
+                        return name
+        except Exception:  # noqa: BLE001 - half-built or compiled wrappers; not the model we want
+            continue
     return type(module).__name__
 
 
 def run_scenario(script: Path, out_dir: Path) -> ScenarioRun:
-    state = {"steps": 0, "first": None, "opt": None}
+    state = {"steps": 0, "first": None, "opt": None, "ids": set()}
 
     def count(opt, args, kwargs):
         state["steps"] += 1
         state["opt"] = opt
+        state["ids"].add(id(opt))
 
     def check(module, args, output):
         if state["first"] is None and torch.is_grad_enabled() and module.training:
@@ -71,5 +83,12 @@ def run_scenario(script: Path, out_dir: Path) -> ScenarioRun:
     named = (first[0], _module_name(first[1], state["opt"])) if first else None
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
     return ScenarioRun(
-        script.name, result.exit_code, result.output, report, run_dir, state["steps"], named
+        script.name,
+        result.exit_code,
+        result.output,
+        report,
+        run_dir,
+        state["steps"],
+        len(state["ids"]),
+        named,
     )

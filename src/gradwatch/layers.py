@@ -1,7 +1,7 @@
 """Which modules of a model are layers, what they compute, and which parameters they own.
 
-A *layer* is a module that owns parameters directly, or a leaf module (one with no
-children). Containers such as ``nn.Sequential`` only pass tensors along, so their
+A *layer* is any module except the plain containers (``nn.Sequential``,
+``nn.ModuleList``, ``nn.ModuleDict``) that only pass tensors along, so their
 statistics would repeat their last child's. Each parameter belongs to exactly one
 layer (the first that owns it in ``named_modules`` order), so tied or shared
 parameters are counted once.
@@ -83,10 +83,20 @@ def named_roots(
     return dict(items)
 
 
+PASS_THROUGH = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
 def is_layer(module: nn.Module) -> bool:
-    has_children = next(module.children(), None) is not None
-    has_params = next(module.parameters(recurse=False), None) is not None
-    return has_params or not has_children
+    """Leaves, modules with parameters of their own, and containers with a forward of their own.
+
+    A custom container computes something between its children (``q @ k.T``, a
+    residual sum), so a non-finite value can first appear in it; only the plain
+    pass-through containers are left out.
+    """
+    return (
+        not isinstance(module, PASS_THROUGH)
+        or next(module.parameters(recurse=False), None) is not None
+    )
 
 
 def discover_layers(

@@ -90,7 +90,7 @@ class ScriptDiscovery:
             self._ignored.add(module)  # a parameter-free function module called alone
             return
         self.watcher.add_model(module, name=_global_name(module))
-        self._owned.update(id(m) for m in module.modules())
+        self._owned.update(id(m) for m in module.modules())  # a torch.compile wrapper and its model
 
     def _module_post(self, module: nn.Module, args: Any, output: Any) -> None:
         self._depth = max(self._depth - 1, 0)

@@ -19,7 +19,9 @@ Schema (version 1):
     One row per optimizer step. ``detail`` is 1 where the detailed probes ran;
     ``partial`` is 1 for a step cut short by an exception; ``nonfinite_module`` is the
     first module, in execution order, whose forward output was inf or NaN;
-    ``nonfinite_params`` a JSON list of parameters whose gradient was.
+    ``nonfinite_params`` a JSON list of parameters whose gradient was;
+    ``loss_nonfinite`` is 1 when the logged loss was inf or NaN (SQLite stores NaN as
+    NULL, so ``loss`` alone cannot tell a NaN loss from a missing one).
 ``layer_metrics(step, layer_id, metric, value)``
     Long format. Metrics: grad_norm, grad_zero_frac, error_norm, error_rms (the error
     norm over the square root of the output's size), act_mean, act_std,
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS params (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL, layer_id INTEGER, shape TEXT, numel INTEGER);
 CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY, loss REAL, detail INTEGER, partial INTEGER DEFAULT 0,
-    nonfinite INTEGER DEFAULT 0, nonfinite_module TEXT, nonfinite_params TEXT);
+    nonfinite INTEGER DEFAULT 0, nonfinite_module TEXT, nonfinite_params TEXT,
+    loss_nonfinite INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS layer_metrics (
     step INTEGER, layer_id INTEGER, metric TEXT, value REAL,
     PRIMARY KEY (metric, step, layer_id)) WITHOUT ROWID;
@@ -130,7 +133,9 @@ class RunWriter:
                 ],
             )
             self._db.executemany("INSERT OR REPLACE INTO params VALUES (?, ?, ?, ?, ?)", params)
-            self._db.executemany("INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?)", steps)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?)", steps
+            )
             self._db.executemany(
                 "INSERT OR REPLACE INTO layer_metrics VALUES (?, ?, ?, ?)", layer_metrics
             )

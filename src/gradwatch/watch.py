@@ -51,6 +51,11 @@ def default_run_dir(name: str = "run") -> Path:
     return Path("gradwatch-runs") / f"{stamp}-{name}-{os.getpid()}"
 
 
+def _compiling() -> bool:
+    """Inside a torch.compile trace, hooks stay out: Python-side bookkeeping would break the graph."""
+    return torch.compiler.is_compiling()
+
+
 def _first_tensor(output: Any) -> torch.Tensor | None:
     if type(output) is torch.Tensor:  # the common case, without flattening a pytree
         return output if output.is_floating_point() else None
@@ -161,7 +166,9 @@ class Watcher:
         ``name`` prefixes the layer names of a single model; the first model watched
         alone keeps unprefixed names, as ``named_modules()`` gives them.
         """
-        roots = named_roots(model)
+        roots = {
+            k: getattr(m, "_orig_mod", m) for k, m in named_roots(model).items()
+        }  # torch.compile wrapper
         if name is not None and len(roots) == 1:
             roots = {("" if not self._roots else name): next(iter(roots.values()))}
         elif self._roots:  # names must stay unique once a second model joins
@@ -255,7 +262,7 @@ class Watcher:
         return torch.is_grad_enabled() and root.training
 
     def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
-        if self._closed or not self._training(module):
+        if self._closed or _compiling() or not self._training(module):
             return
         if self._open.backward_done and not self._optimizers:
             # A hand-written update happened since the last backward: that step is over.
@@ -266,7 +273,7 @@ class Watcher:
         self._open.forward_seen = True
 
     def _root_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._closed or self._optimizers or not self._training(module):
+        if self._closed or self._optimizers or _compiling() or not self._training(module):
             return  # with an optimizer, its step marks the step; no need to find backward's end
         out = _first_tensor(output)
         if out is not None and out.requires_grad:
@@ -306,7 +313,7 @@ class Watcher:
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._closed or not torch.is_grad_enabled() or not root.training:
+            if self._closed or _compiling() or not torch.is_grad_enabled() or not root.training:
                 return
             out = _first_tensor(output)
             if out is None:
@@ -604,6 +611,7 @@ class Watcher:
                     int(bad),
                     self.layers[first].name if first is not None else None,
                     _json_list([self._param_names[i] for i in row.nonfinite_params]),
+                    int(row.loss is not None and not math.isfinite(row.loss)),
                 )
             )
             lm.extend((row.step, i, m, v) for (i, m), v in row.layer.items())
@@ -632,6 +640,7 @@ class Watcher:
                         "status": status,
                         "ended": datetime.now().isoformat(timespec="seconds"),
                         "steps": self.steps_recorded,
+                        "optimizers": len(self._optimizers),
                     }
                 )
                 self._writer.close()

@@ -35,11 +35,14 @@ def spikes(view: RunView) -> dict[int, list[tuple[int, float]]]:
                 continue
             base = float(np.median(prev))
             value = series[row]
-            ratio = float("inf") if not np.isfinite(value) else value / base
-            if ratio >= SPIKE:
-                found.setdefault(col, []).append((row, ratio))
-                if not np.isfinite(value):
-                    break  # after the first inf/NaN the series means nothing
+            if not np.isfinite(value):
+                # inf/NaN is the end of an explosion only after finite growth: straight from
+                # normal values it is a numerical singularity (log(0), 0/0), not a gain.
+                if col in found:
+                    found[col].append((row, float("inf")))
+                break
+            if value / base >= SPIKE:
+                found.setdefault(col, []).append((row, value / base))
     return found
 
 

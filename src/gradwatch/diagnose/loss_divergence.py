@@ -28,7 +28,7 @@ def check(view: RunView) -> list[Finding]:
         value = "inf" if np.isinf(loss[row]) else "NaN"
         summary = f"The loss diverged to {value} at step {step}."
         evidence = {"step": step, "last_finite_loss": float(finite[-1]) if finite.size else None}
-    elif finite.size >= 10:
+    elif finite.size >= 10 and view.optimizers <= 1:  # several objectives: no single loss to climb
         start, best = float(np.median(finite[:5])), float(np.min(finite))
         end = float(np.median(finite[-max(5, finite.size // 10) :]))
         if not (end > RISE * best and end > 1.5 * start and end > 0):

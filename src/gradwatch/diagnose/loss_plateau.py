@@ -25,6 +25,8 @@ def loss_change(view: RunView) -> tuple[float, float] | None:
 
 
 def check(view: RunView) -> list[Finding]:
+    if view.optimizers > 1:
+        return []  # adversarial or multi-objective training: the mean of the losses is no objective
     change = loss_change(view)
     if change is None:
         return []

@@ -29,6 +29,12 @@ def check(view: RunView) -> list[Finding]:
                 causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True),
             ]
         )
+    elif info.get("loss_nonfinite"):
+        where = "in the loss, computed outside every watched module: all their outputs were finite"
+        layers = []
+        found = causes.rank(
+            [causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True)]
+        )
     elif params:
         where = f"in the gradients of {', '.join(params[:3])}" + (
             " and more" if len(params) > 3 else ""
@@ -38,11 +44,9 @@ def check(view: RunView) -> list[Finding]:
             [causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True)]
         )
     else:
-        where = "in the loss, while every module output and gradient was finite"
+        where = "in the loss or a value outside the watched modules"
         layers = []
-        found = causes.rank(
-            [causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True)]
-        )
+        found = []
     summary = f"inf/NaN first appeared at step {step} {where}."
     evidence = {
         "first_step": step,

@@ -77,9 +77,14 @@ class RunView:
     def first_nonfinite_row(self) -> int | None:
         """Row of the first step with an inf/NaN output, gradient or loss."""
         for i, row in enumerate(self.step_rows):
-            if row["nonfinite"] or (row["loss"] is not None and not np.isfinite(row["loss"])):
+            if row["nonfinite"] or row.get("loss_nonfinite"):
                 return i
         return None
+
+    @cached_property
+    def optimizers(self) -> int:
+        """Optimizers that stepped (0 for hand-written updates, or if the run did not end cleanly)."""
+        return int(self.run.meta.get("optimizers", "0") or 0)
 
     @cached_property
     def finite_rows(self) -> np.ndarray:
