@@ -10,6 +10,7 @@ Blocks of vectors are stored row-wise: a block of ``b`` input-space vectors is `
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ EXACT_MAX_BYTES = 64 * 2**20
 # Memory allowed for one vmapped chunk of jvps or vjps: chunk size = budget / bytes per
 # vector, where a vector costs about one forward pass worth of saved activations.
 CHUNK_BUDGET_BYTES = 512 * 2**20
+
+
+Method = Literal["auto", "exact", "iterative"]
 
 
 def describe(f: Callable) -> str:
@@ -37,33 +41,38 @@ def _first_line(error: BaseException) -> str:
 
 
 def checked_forward(f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, int]:
-    """Run ``f(x)`` once, turning a failure into a clear ``ValueError``.
+    """Run ``f(x)`` once without autograd, turning a failure into a clear ``ValueError``.
 
-    Returns the detached output and the bytes autograd saved for the backward pass, which
-    stands in for the memory one batched jvp or vjp needs per vector.
+    Returns the output and the bytes of every leaf module's output during the call, which
+    stands in for the memory one batched jvp or vjp needs per vector (0 when ``f`` calls
+    no modules). A global module forward hook counts them, so a plain function that calls
+    modules is measured too; the hook is removed before returning, whatever happens.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"the input must be a floating-point tensor, not {type(x).__name__}")
-    saved: dict[tuple[int, int], int] = {}
+    total = 0
 
-    def pack(t: Tensor) -> Tensor:
-        saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
-        return t
+    def count(module: torch.nn.Module, args: tuple, out: object) -> None:
+        nonlocal total
+        if isinstance(out, Tensor) and next(module.children(), None) is None:
+            total += out.numel() * out.element_size()
 
-    probe = x.detach().clone().requires_grad_(True)
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = f(probe.clone())  # a clone: in-place modules must not write to a leaf
+        with torch.no_grad():
+            out = f(x.detach().clone())  # a clone: in-place modules must not write to x
     except Exception as error:
         raise ValueError(
             f"an input of shape {tuple(x.shape)} does not fit {describe(f)}: {_first_line(error)}"
         ) from error
+    finally:
+        handle.remove()
     if not isinstance(out, Tensor) or not out.is_floating_point():
         raise TypeError(
             f"{describe(f)} must return one floating-point tensor to have a Jacobian, "
             f"not {type(out).__name__}"
         )
-    return out.detach(), sum(saved.values())
+    return out, total
 
 
 class JacobianOperator:
@@ -174,3 +183,12 @@ class JacobianOperator:
     def gram(self, v: Tensor) -> Tensor:
         """``G`` applied to each row of ``v`` of shape ``(b, d)``."""
         return self.other_half(self.half(v))
+
+
+def choose_path(op: JacobianOperator, method: str, max_bytes: int = EXACT_MAX_BYTES) -> str:
+    """``"exact"`` or ``"iterative"``: ``auto`` forms J only when it takes at most ``max_bytes``."""
+    if method not in ("auto", "exact", "iterative"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'iterative', not {method!r}")
+    if method == "auto":
+        return "exact" if op.nbytes <= max_bytes else "iterative"
+    return method

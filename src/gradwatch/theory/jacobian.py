@@ -36,18 +36,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from gradwatch.theory._jacobian_results import (
+    LayerGain,
+    SingularValues,
+    SpectralDensity,
+    SpectrumStats,
+)
 from gradwatch.theory._krylov import (
     batched_lanczos,
     block_krylov_top,
     hutchinson_moments,
 )
-from gradwatch.theory._linops import EXACT_MAX_BYTES, JacobianOperator
+from gradwatch.theory._layers import layer_gains
+from gradwatch.theory._linops import EXACT_MAX_BYTES, JacobianOperator, Method, choose_path
 
 __all__ = [
     "EXACT_MAX_BYTES",
@@ -61,168 +66,15 @@ __all__ = [
     "spectrum_stats",
 ]
 
-Method = Literal["auto", "exact", "iterative"]
-
-# Layers whose own Jacobian takes at most this many bytes get an exact SVD in
-# layer_gains: 4 MiB is a 1024 x 1024 float32 matrix, whose svdvals take about 0.2 s.
-LAYER_EXACT_MAX_BYTES = 4 * 2**20
-
-
-def _to_builtin(value: object) -> object:
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _to_builtin(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_builtin(v) for v in value]
-    return value
-
-
-class _JSONMixin:
-    def to_dict(self) -> dict:
-        """A JSON-ready dict: tensors become lists, infinities the strings "inf"/"-inf"."""
-        return _to_builtin(asdict(self))  # type: ignore[call-overload, return-value]
-
-
-@dataclass(frozen=True)
-class SingularValues(_JSONMixin):
-    """Singular values of ``J``, as returned by :func:`singular_values`.
-
-    Attributes:
-        values: descending. All ``min(m, n)`` values when ``k`` was None, else the ``k``
-            largest.
-        smallest: ascending: the ``k`` smallest of the ``min(m, n)`` values. Only the
-            exact path with ``k`` fills it; None otherwise.
-        path: ``"exact"`` or ``"iterative"``.
-        shape: ``(m, n)``, the Jacobian's shape (output elements, input elements).
-        seconds: wall time taken.
-        rel_residuals: iterative path only: for each value ``s_i`` there is a true
-            squared singular value within ``rel_residuals[i] * s_i^2`` of ``s_i^2``.
-        iterations: iterative path only: block steps taken.
-        converged: False if the iterative path stopped at ``max_iters``.
-    """
-
-    values: Tensor
-    smallest: Tensor | None
-    path: str
-    shape: tuple[int, int]
-    seconds: float
-    rel_residuals: Tensor | None = None
-    iterations: int | None = None
-    converged: bool = True
-
-
-@dataclass(frozen=True)
-class SpectrumStats(_JSONMixin):
-    """Dynamical-isometry measures of ``J``, as returned by :func:`spectrum_stats`.
-
-    Moments are over the ``dim = min(m, n)`` squared singular values ``s_i^2``, the
-    eigenvalues of the smaller Gram matrix; for a square ``J`` they are the paper's
-    ``tr(J J^T) / N`` and ``tr((J J^T)^2) / N``.
-
-    Attributes:
-        m1: mean of ``s_i^2``.
-        m2: mean of ``s_i^4``.
-        normalized_variance: ``m2 / m1**2 - 1``, the variance over the squared mean.
-        sigma_max: the largest singular value.
-        condition_number: ``sigma_max / sigma_min`` (exact path only; ``inf`` if
-            ``sigma_min`` is 0).
-        path: ``"exact"`` or ``"iterative"``.
-        dim: ``min(m, n)``.
-        shape: ``(m, n)``.
-        probes: Hutchinson probes used (iterative path only).
-        m1_se, m2_se, normalized_variance_se: standard errors of the Hutchinson
-            estimates (delta method for the ratio); None on the exact path.
-        seconds: wall time taken.
-    """
-
-    m1: float
-    m2: float
-    normalized_variance: float
-    sigma_max: float
-    condition_number: float | None
-    path: str
-    dim: int
-    shape: tuple[int, int]
-    seconds: float
-    probes: int | None = None
-    m1_se: float | None = None
-    m2_se: float | None = None
-    normalized_variance_se: float | None = None
-
-
-@dataclass(frozen=True)
-class SpectralDensity(_JSONMixin):
-    """Density of the squared singular values, as returned by :func:`spectral_density`.
-
-    ``nodes`` and ``weights`` have shape ``(probes, steps)``: row ``i`` is the Gauss
-    quadrature rule of probe ``i`` (its weights sum to one). Each row's moment
-    ``sum(weights[i] * nodes[i]**p)`` equals ``v_i^T G^p v_i`` for a random unit vector
-    ``v_i`` (exactly, for ``p < 2 * steps``), an unbiased estimate of ``mean(s^(2p))``;
-    the spread over rows is its noise. ``density`` is the average rule smoothed by a
-    Gaussian of width ``sigma`` and evaluated on ``grid`` (in ``log10`` of the squared
-    singular value when ``log_scale``); it integrates to one.
-    """
-
-    grid: Tensor
-    density: Tensor
-    nodes: Tensor
-    weights: Tensor
-    sigma: float
-    log_scale: bool
-    dim: int
-    probes: int
-    steps: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class LayerGain(_JSONMixin):
-    """One leaf-module call's Jacobian gains, as returned by :func:`layer_gains`.
-
-    Attributes:
-        name: the module's qualified name in the model.
-        call: 0 for its first call in the forward pass, 1 for the second, and so on.
-        kind: the module's class name.
-        in_shape, out_shape: the shapes it saw.
-        spectral_norm: largest singular value of its input-output Jacobian.
-        frobenius_rms: ``||J||_F / sqrt(n_in)``, the root-mean-square gain of a random
-            input direction (``n_in`` = input elements).
-        frobenius_rms_se: standard error of ``frobenius_rms`` (Hutchinson; 0 if exact).
-        path: ``"exact"`` (SVD of the formed layer Jacobian) or ``"iterative"``.
-        converged: whether the iteration settled (always True when exact).
-    """
-
-    name: str
-    call: int
-    kind: str
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    spectral_norm: float
-    frobenius_rms: float
-    frobenius_rms_se: float
-    path: str
-    converged: bool = field(default=True)
-
-
-def _choose_path(op: JacobianOperator, method: str, max_bytes: int = EXACT_MAX_BYTES) -> str:
-    if method not in ("auto", "exact", "iterative"):
-        raise ValueError(f"method must be 'auto', 'exact' or 'iterative', not {method!r}")
-    if method == "auto":
-        return "exact" if op.nbytes <= max_bytes else "iterative"
-    return method
-
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
 def _default_block(k: int) -> int:
-    # Oversampling by k (at least 8) extra vectors: Halko et al. (2011) advise a few
-    # beyond k; a wider block also keeps the vmapped model passes efficient.
-    return k + max(8, k)
+    # A few vectors beyond k: block Krylov needs no more than k for gap-free accuracy
+    # (Musco & Musco 2015); on the bench's conv stack, k + 2 took the fewest model passes.
+    return k + max(2, k // 4)
 
 
 def _max_basis(d: int, block: int) -> int:
@@ -237,7 +89,7 @@ def singular_values(
     k: int | None = None,
     method: Method = "auto",
     *,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     max_iters: int = 500,
     block_size: int | None = None,
     seed: int = 0,
@@ -258,9 +110,10 @@ def singular_values(
         k: how many of the largest (and, on the exact path, smallest) values to return;
             None returns all of them and needs the exact path.
         method: ``"auto"``, ``"exact"`` or ``"iterative"``.
-        tol: iterative path: target relative accuracy of each ``s_i^2``.
+        tol: iterative path: target relative accuracy of each ``s_i^2`` (so about
+            ``tol / 2`` on ``s_i``).
         max_iters: iterative path: most block steps.
-        block_size: iterative path: vectors per block (default ``k + max(8, k)``).
+        block_size: iterative path: vectors per block (default ``k + max(2, k // 4)``).
         seed: seed of the random start block.
         chunk_size: vectors per vmapped model pass (default from the activation memory).
 
@@ -280,7 +133,7 @@ def singular_values(
     """
     start = time.perf_counter()
     op = JacobianOperator(f, x, chunk_size=chunk_size)
-    path = _choose_path(op, method)
+    path = choose_path(op, method)
     if k is not None and k < 1:
         raise ValueError(f"k must be a positive number of singular values, not {k}")
     if path == "exact":
@@ -312,6 +165,7 @@ def singular_values(
         seconds=time.perf_counter() - start,
         rel_residuals=(top.residuals / theta.clamp_min(1e-300)).to(op.dtype),
         iterations=top.iterations,
+        products=top.matvecs,
         converged=top.converged,
     )
 
@@ -342,7 +196,8 @@ def spectrum_stats(
     come from the SVD, with the condition number. Otherwise ``tr(G)`` and ``tr(G^2)``
     are Hutchinson estimates over ``probes`` Rademacher vectors sent through the model as
     one vmapped block, each with its standard error; ``sigma_max`` then comes from a short
-    block Krylov run (relative accuracy about 1e-3), and no condition number is given.
+    block Krylov run (``sigma_max**2`` to about 1 %, usually far better; use
+    :func:`singular_values` for more digits), and no condition number is given.
 
     Args:
         f: a module or function of one tensor returning one tensor.
@@ -367,7 +222,7 @@ def spectrum_stats(
     """
     start = time.perf_counter()
     op = JacobianOperator(f, x, chunk_size=chunk_size)
-    path = _choose_path(op, method)
+    path = choose_path(op, method)
     if path == "exact":
         m1, m2, nv, smax, cond = _stats_from_singular_values(torch.linalg.svdvals(op.matrix()))
         return SpectrumStats(
@@ -384,7 +239,7 @@ def spectrum_stats(
     rel_var = (tm.se2 / tm.tr2) ** 2 + 4 * (tm.se1 / tm.tr1) ** 2
     rel_var -= 4 * tm.cov12 / (tm.tr1 * tm.tr2)
     top = block_krylov_top(
-        op.gram, d, 1, block=4, max_basis=64, tol=1e-3, max_iters=100, generator=gen
+        op.gram, d, 1, block=4, max_basis=64, tol=1e-2, max_iters=100, generator=gen
     )
     return SpectrumStats(
         m1=m1,
@@ -481,150 +336,3 @@ def spectral_density(
         steps=min(steps, op.d),
         seconds=time.perf_counter() - start,
     )
-
-
-_LeafCall = tuple[str, int, nn.Module, tuple[Callable[[Tensor], Tensor], Tensor]]
-
-
-def _capture_leaf_calls(model: nn.Module, x: Tensor) -> list[_LeafCall]:
-    """Run ``model(x)`` once and return, in execution order, each leaf call's name, call
-    number, module, and a function of its (first, floating-point) input with that input."""
-    calls: list[_LeafCall] = []
-    counts: dict[str, int] = {}
-    handles = []
-
-    def hook_for(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
-                return
-            inp = args[0].detach().clone()  # before the call: in-place modules overwrite it
-            rest = tuple(a.detach() if isinstance(a, Tensor) else a for a in args[1:])
-
-            def fn(v: Tensor, module: nn.Module = module, rest: tuple = rest) -> Tensor:
-                out = module(v, *rest, **kwargs)
-                return out[0] if isinstance(out, (tuple, list)) else out
-
-            calls.append((name, counts.get(name, 0), module, (fn, inp)))
-            counts[name] = counts.get(name, 0) + 1
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            if next(module.children(), None) is None:
-                handles.append(
-                    module.register_forward_pre_hook(hook_for(name or "<root>"), with_kwargs=True)
-                )
-        with torch.no_grad():
-            try:
-                model(x)
-            except Exception as error:
-                raise ValueError(
-                    f"an input of shape {tuple(x.shape)} does not fit module "
-                    f"{type(model).__name__}: {type(error).__name__}: {error}"
-                ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
-def layer_gains(
-    model: nn.Module,
-    x: Tensor,
-    *,
-    method: Method = "auto",
-    probes: int = 32,
-    max_iters: int = 200,
-    tol: float = 1e-3,
-    seed: int = 0,
-) -> list[LayerGain]:
-    """Per-layer Jacobian gains along the model's execution order.
-
-    Runs ``model(x)`` once with forward pre-hooks on every leaf module (removed again
-    even if the model raises) to capture each call's actual input, then measures the
-    Jacobian of that call's output with respect to that input: its spectral norm and
-    ``||J||_F / sqrt(n_in)``. Their product over layers brackets the end-to-end gain that
-    the seeds' product of Jacobians describes. With ``method="auto"`` a layer whose
-    Jacobian takes at most 4 MiB gets an exact SVD. Larger layers get power iteration on
-    ``J^T J`` from a block of 4 random vectors that keeps every iterate and reads the
-    largest value out of all of them by Rayleigh-Ritz (block Lanczos, the Krylov form of
-    power iteration: the same products, but it converges in about the square root of the
-    steps when the top of the spectrum is clustered, as it is for a tanh or conv layer),
-    and a Hutchinson estimate of ``||J||_F^2`` with standard error.
-
-    Leaf calls whose first argument is not a floating-point tensor (an embedding's
-    indices) are skipped; other arguments are held fixed; a tuple output counts by its
-    first element. The model's train/eval mode is left as it is: BatchNorm in training
-    mode would update its running statistics during the capture pass, so call
-    ``model.eval()`` first.
-
-    Args:
-        model: the network.
-        x: its input (the whole tensor is the input vector; pass ``x[:1]`` for one sample).
-        method: ``"auto"``, ``"exact"`` or ``"iterative"`` for every layer.
-        probes: Hutchinson probes per layer on the iterative path.
-        max_iters: most power-iteration steps per layer.
-        tol: relative accuracy of ``spectral_norm**2`` at which the iteration stops.
-        seed: seed of the random vectors.
-
-    Returns:
-        A list of :class:`LayerGain`, one per leaf-module call, in execution order.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
-        >>> [g.name for g in layer_gains(net, torch.randn(1, 4))]
-        ['0', '1']
-    """
-    gains = []
-    gen = _generator(seed)
-    for name, call, module, (fn, inp) in _capture_leaf_calls(model, x):
-        try:
-            op = JacobianOperator(fn, inp)
-            path = _choose_path(op, method, LAYER_EXACT_MAX_BYTES)
-            if path == "exact":
-                jac = op.matrix()
-                spectral = float(torch.linalg.matrix_norm(jac, ord=2)) if jac.numel() else 0.0
-                frob2, frob2_se, settled = float(jac.double().pow(2).sum()), 0.0, True
-            else:
-                top = block_krylov_top(
-                    op.gram,
-                    op.d,
-                    1,
-                    block=4,
-                    max_basis=64,
-                    tol=tol,
-                    max_iters=max_iters,
-                    generator=gen,
-                )
-                spectral, settled = float(top.values[0].clamp_min(0).sqrt()), top.converged
-                tm = hutchinson_moments(op.half, op.other_half, op.d, probes, gen)
-                frob2, frob2_se = tm.tr1, tm.se1
-        except ValueError:
-            raise
-        except Exception as error:
-            raise ValueError(
-                f"could not differentiate layer {name!r} ({type(module).__name__}) at its "
-                f"input of shape {tuple(inp.shape)}: {type(error).__name__}: {error}. "
-                "Modules in training mode that update state (BatchNorm) or draw random "
-                "numbers (Dropout) need model.eval() first."
-            ) from error
-        frob_rms = math.sqrt(max(frob2, 0.0) / op.n)
-        # d sqrt(F)/dF = 1 / (2 sqrt(F)): the standard error carried through the root.
-        rms_se = frob2_se / (2 * math.sqrt(frob2 * op.n)) if frob2 > 0 else 0.0
-        gains.append(
-            LayerGain(
-                name=name,
-                call=call,
-                kind=type(module).__name__,
-                in_shape=op.in_shape,
-                out_shape=op.out_shape,
-                spectral_norm=spectral,
-                frobenius_rms=frob_rms,
-                frobenius_rms_se=rms_se,
-                path=path,
-                converged=settled,
-            )
-        )
-    return gains
