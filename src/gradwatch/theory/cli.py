@@ -232,3 +232,12 @@ def _finite_or_null(values: dict[str, Any]) -> dict[str, Any]:
 def _fail(err: BaseException, code: int = 2) -> NoReturn:
     typer.echo(f"Error: {err}", err=True)
     raise typer.Exit(code)
+
+
+def _mount_jacobian() -> None:
+    from .jacobian_cli import jacobian
+
+    app.command("jacobian")(jacobian)
+
+
+_mount_jacobian()
