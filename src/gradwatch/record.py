@@ -62,7 +62,9 @@ class StepBuffer:
         tensors: list[torch.Tensor] = []
         for idx in groups.values():
             order.extend(idx)
-            tensors.append(torch.stack([self.values[i].reshape(()) for i in idx]).to(torch.float64))
+            # Norms and sums are 0-d already; only a logged loss may need reshaping.
+            scalars = [v if v.dim() == 0 else v.reshape(()) for v in (self.values[i] for i in idx)]
+            tensors.append(torch.stack(scalars).to(torch.float64))
         keys = [self.keys[i] for i in order]
         counts = [self.counts[i] for i in order]
         return PackedStep(self.step, self.detail, keys, counts, tensors, list(self.host_losses))

@@ -462,6 +462,10 @@ class Watcher:
         """
         if loss is None or self._closed:
             return
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise ValueError(
+                f"log(loss=...) takes a scalar; got a tensor of shape {tuple(loss.shape)}"
+            )
         buf = self._open
         if not (buf.forward_seen or buf.stepped) and self._pending:
             target = self._pending[-1]  # logged after the step closed
