@@ -190,6 +190,24 @@ def test_exact_path_returns_all_values_and_both_ends(net_name):
     torch.testing.assert_close(ends.smallest, reference.flip(0)[:3])
 
 
+def test_iterative_top_k_matches_scipy_svds_on_the_same_products():
+    """A second reference that never forms J: ARPACK on a LinearOperator (scipy optional)."""
+    sla = pytest.importorskip("scipy.sparse.linalg")
+    from gradwatch.theory._linops import JacobianOperator
+
+    net, x = tanh_mlp([300, 300, 300, 300]), torch.randn(1, 300)
+    op = JacobianOperator(net, x)
+    lin = sla.LinearOperator(
+        (op.m, op.n),
+        matvec=lambda v: op.jvp(torch.as_tensor(v.reshape(1, -1))).double().numpy().ravel(),
+        rmatvec=lambda u: op.vjp(torch.as_tensor(u.reshape(1, -1))).double().numpy().ravel(),
+        dtype=np.float64,
+    )
+    reference = np.sort(sla.svds(lin, k=5, return_singular_vectors=False, tol=1e-8))[::-1]
+    got = singular_values(net, x, k=5, method="iterative", tol=1e-6)
+    np.testing.assert_allclose(got.values.double().numpy(), reference, rtol=1e-4)
+
+
 def test_iterative_path_needs_k_and_says_how_to_fix():
     net, x = tanh_mlp([20, 20]), torch.randn(1, 20)
     with pytest.raises(ValueError, match="pass k="):
