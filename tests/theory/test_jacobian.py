@@ -233,14 +233,21 @@ def test_shape_that_does_not_fit_names_shape_and_cause():
 
 
 def test_function_without_forward_mode_rule_falls_back_to_double_vjp():
-    from gradwatch.theory._linops import JacobianOperator
+    """grid_sample has no forward-mode rule: J v then comes from the vjp of u -> J^T u."""
+    grid = torch.rand(1, 6, 7, 2) * 2 - 1
 
-    net, x = tanh_mlp([25, 40, 30]), torch.randn(1, 25)
-    op = JacobianOperator(net, x)
-    v = torch.randn(3, 25)
-    forward = op.jvp(v)
-    op._jvp_mode = "double-vjp"
-    torch.testing.assert_close(op.jvp(v), forward, rtol=1e-5, atol=1e-6)
+    def f(v: torch.Tensor) -> torch.Tensor:
+        image = v.reshape(1, 1, 4, 5)
+        return torch.tanh(torch.nn.functional.grid_sample(image, grid, align_corners=False))
+
+    x = torch.randn(20)
+    with pytest.raises(NotImplementedError):
+        torch.func.jvp(f, (x,), (x,))
+    reference = torch.linalg.svdvals(dense_jacobian(f, x))
+    got = singular_values(f, x, k=4, method="iterative", tol=1e-8)
+    torch.testing.assert_close(got.values, reference[:4], rtol=1e-4, atol=1e-7)
+    every = singular_values(f, x, method="exact")  # m = 42 > n = 20: built from jvps
+    torch.testing.assert_close(every.values, reference, rtol=1e-4, atol=1e-6)
 
 
 # --- Hutchinson against exact moments -----------------------------------------------------
