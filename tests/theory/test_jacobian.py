@@ -190,6 +190,24 @@ def test_exact_path_returns_all_values_and_both_ends(net_name):
     torch.testing.assert_close(ends.smallest, reference.flip(0)[:3])
 
 
+def test_iterative_top_k_matches_scipy_svds_on_the_same_products():
+    """A second reference that never forms J: ARPACK on a LinearOperator (scipy optional)."""
+    sla = pytest.importorskip("scipy.sparse.linalg")
+    from gradwatch.theory._linops import JacobianOperator
+
+    net, x = tanh_mlp([300, 300, 300, 300]), torch.randn(1, 300)
+    op = JacobianOperator(net, x)
+    lin = sla.LinearOperator(
+        (op.m, op.n),
+        matvec=lambda v: op.jvp(torch.as_tensor(v.reshape(1, -1))).double().numpy().ravel(),
+        rmatvec=lambda u: op.vjp(torch.as_tensor(u.reshape(1, -1))).double().numpy().ravel(),
+        dtype=np.float64,
+    )
+    reference = np.sort(sla.svds(lin, k=5, return_singular_vectors=False, tol=1e-8))[::-1]
+    got = singular_values(net, x, k=5, method="iterative", tol=1e-6)
+    np.testing.assert_allclose(got.values.double().numpy(), reference, rtol=1e-4)
+
+
 def test_iterative_path_needs_k_and_says_how_to_fix():
     net, x = tanh_mlp([20, 20]), torch.randn(1, 20)
     with pytest.raises(ValueError, match="pass k="):
@@ -215,14 +233,21 @@ def test_shape_that_does_not_fit_names_shape_and_cause():
 
 
 def test_function_without_forward_mode_rule_falls_back_to_double_vjp():
-    from gradwatch.theory._linops import JacobianOperator
+    """grid_sample has no forward-mode rule: J v then comes from the vjp of u -> J^T u."""
+    grid = torch.rand(1, 6, 7, 2) * 2 - 1
 
-    net, x = tanh_mlp([25, 40, 30]), torch.randn(1, 25)
-    op = JacobianOperator(net, x)
-    v = torch.randn(3, 25)
-    forward = op.jvp(v)
-    op._jvp_mode = "double-vjp"
-    torch.testing.assert_close(op.jvp(v), forward, rtol=1e-5, atol=1e-6)
+    def f(v: torch.Tensor) -> torch.Tensor:
+        image = v.reshape(1, 1, 4, 5)
+        return torch.tanh(torch.nn.functional.grid_sample(image, grid, align_corners=False))
+
+    x = torch.randn(20)
+    with pytest.raises(NotImplementedError):
+        torch.func.jvp(f, (x,), (x,))
+    reference = torch.linalg.svdvals(dense_jacobian(f, x))
+    got = singular_values(f, x, k=4, method="iterative", tol=1e-8)
+    torch.testing.assert_close(got.values, reference[:4], rtol=1e-4, atol=1e-7)
+    every = singular_values(f, x, method="exact")  # m = 42 > n = 20: built from jvps
+    torch.testing.assert_close(every.values, reference, rtol=1e-4, atol=1e-6)
 
 
 # --- Hutchinson against exact moments -----------------------------------------------------

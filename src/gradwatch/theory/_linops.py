@@ -144,11 +144,18 @@ class JacobianOperator:
                     lambda t: torch.func.jvp(self._g, (self.x,), (t,))[1],
                     chunk_size=self._chunk(len(v)),
                 )(v)
-            except (NotImplementedError, RuntimeError):
-                self._jvp_mode = "double-vjp"  # some op lacks a forward-mode rule
+            except NotImplementedError:  # "Trying to use forward AD with ... not implemented"
+                self._jvp_mode = "double-vjp"
         fn = self._vjp()
-        _, transpose = torch.func.vjp(lambda c: fn(c)[0], torch.zeros(self.m, dtype=self.dtype))
-        return torch.func.vmap(lambda t: transpose(t)[0], chunk_size=self._chunk(len(v)))(v)
+        try:
+            _, transpose = torch.func.vjp(lambda c: fn(c)[0], torch.zeros(self.m, dtype=self.dtype))
+            return torch.func.vmap(lambda t: transpose(t)[0], chunk_size=self._chunk(len(v)))(v)
+        except NotImplementedError as error:
+            raise NotImplementedError(
+                f"{describe(self.f)} uses an operation with neither a forward-mode rule nor a "
+                f"double backward, so J v cannot be computed ({error}). Products with J^T "
+                "still work: the exact path needs only them when outputs are fewer than inputs."
+            ) from error
 
     @torch.no_grad()
     def matrix(self) -> Tensor:
