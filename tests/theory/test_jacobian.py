@@ -22,6 +22,16 @@ from gradwatch.theory.jacobian import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are small: one thread is as fast, and immune to the 10-100x
+    slowdowns of a 2-thread pool on a CI runner shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def dense_jacobian(f, x: torch.Tensor) -> torch.Tensor:
     """The reference: the flattened Jacobian by plain jacrev."""
     g = lambda v: f(v.reshape(x.shape).clone()).reshape(-1)  # noqa: E731  (clone: in-place ReLU)

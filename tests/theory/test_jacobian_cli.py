@@ -13,6 +13,17 @@ from typer.testing import CliRunner
 
 from gradwatch.theory.jacobian_cli import jacobian
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are small: one thread is as fast, and immune to the 10-100x
+    slowdowns of a 2-thread pool on a CI runner shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 USER_FILE = textwrap.dedent(
     """
     import torch

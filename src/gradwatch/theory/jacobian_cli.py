@@ -194,7 +194,7 @@ def jacobian(
             "--input-shape",
             help="Input shape with its batch dimension, e.g. 8,3,32,32. The Jacobian is "
             "taken at the first sample only (batch of 1): a batch's Jacobian is "
-            "block-diagonal, with the same spectra repeated at B^2 times the cost.",
+            "block-diagonal (its spectrum joins the per-sample ones) and costs B^2 times more.",
         ),
     ],
     k: Annotated[int, typer.Option("--k", min=1, help="How many singular values to list.")] = 10,
@@ -210,6 +210,9 @@ def jacobian(
     """Singular values of a model's input-output Jacobian at a random input.
 
     The model runs in eval() mode (no dropout, BatchNorm on its running statistics).
+
+    Example:
+        gradwatch theory jacobian net.py:make --input-shape 8,3,32,32 --json
     """
     try:
         model = load_factory(target)
