@@ -18,6 +18,8 @@ def check(view: RunView) -> list[Finding]:
     module = info["nonfinite_module"]
     params = info["nonfinite_params"]
     bad_rows = [i for i, r in enumerate(view.step_rows) if r["nonfinite"]]
+    # Updates over the 20 steps before the first inf/NaN, for every origin alike.
+    lr_cause = causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True)
     if module:
         col = view.names.index(module)
         where = f"in the forward output of {module} ({view.info[col].type})"
@@ -26,23 +28,19 @@ def check(view: RunView) -> list[Finding]:
             [
                 causes.log_of_zero(view, row, col),
                 causes.low_precision_overflow(view, row, col),
-                causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True),
+                lr_cause,
             ]
         )
     elif info.get("loss_nonfinite"):
         where = "in the loss, computed outside every watched module: all their outputs were finite"
         layers = []
-        found = causes.rank(
-            [causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True)]
-        )
+        found = causes.rank([lr_cause])
     elif params:
         where = f"in the gradients of {', '.join(params[:3])}" + (
             " and more" if len(params) > 3 else ""
         )
         layers = list(dict.fromkeys(p.rsplit(".", 1)[0] if "." in p else "(root)" for p in params))
-        found = causes.rank(
-            [causes.learning_rate(view, np.arange(max(0, row - 20), row), high=True)]
-        )
+        found = causes.rank([lr_cause])
     else:
         where = "in the loss or a value outside the watched modules"
         layers = []
