@@ -1,12 +1,14 @@
 """Overhead of gradwatch and of the tools people use today, paired in one process.
 
-Every method trains its own copy of the same model on the same batches. Blocks of
-steps alternate between an uninstrumented twin and the instrumented model, after a
-warm-up, so drift in machine speed hits both alike. A method's overhead is the
-ratio of the median instrumented block time to the median twin block time; the
-spread is the interquartile range of the per-round ratios.
+Every method trains its own copy of the same model on the same batches. Each round
+times one block of steps of an uninstrumented twin and one of the instrumented
+model, after a warm-up, interleaved step by step so that drift in machine speed hits
+both alike. A method's overhead is the ratio of the median instrumented block time to
+the median twin block time; the spread is the interquartile range of the per-round
+ratios. A block is 50 steps, one flush period, so each block carries its share of
+gradwatch's flushes and detailed steps.
 
-    python bench/overhead.py --quick                 # the MLP only, a few minutes
+    python bench/overhead.py --quick                 # the MLP only, under 3 minutes
     python bench/overhead.py --json results.json     # every workload
     python bench/overhead.py --memory                # peak RSS per method, in child processes
 """
@@ -112,23 +114,25 @@ class Trainer:
         if instrument is not None:
             instrument.attach(self.model, self.opt)
 
-    def block(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         start = time.perf_counter()
-        for x, y in batches:
-            if self.instrument is not None:
-                self.instrument.before_forward()
-            loss = self.workload.loss(self.model(x), y)
-            self.opt.zero_grad(set_to_none=True)
-            if self.instrument is not None:
-                self.instrument.backward(loss)
-            else:
-                loss.backward()
-            if self.instrument is not None:
-                self.instrument.before_step(self.model, loss)
-            self.opt.step()
-            if self.instrument is not None:
-                self.instrument.after_step(loss)
+        if self.instrument is not None:
+            self.instrument.before_forward()
+        loss = self.workload.loss(self.model(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        if self.instrument is not None:
+            self.instrument.backward(loss)
+        else:
+            loss.backward()
+        if self.instrument is not None:
+            self.instrument.before_step(self.model, loss)
+        self.opt.step()
+        if self.instrument is not None:
+            self.instrument.after_step(loss)
         return time.perf_counter() - start
+
+    def block(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        return sum(self.step(x, y) for x, y in batches)
 
     def close(self) -> None:
         if self.instrument is not None:
@@ -155,9 +159,13 @@ def measure(workload: Workload, methods: list[str], rounds: int, block: int, war
                     watched.block(batches)
                 ratios, twin_times, watched_times = [], [], []
                 for r in range(rounds):
-                    # Alternate which goes first, so neither always runs on a warmer cache.
-                    order = (twin, watched) if r % 2 == 0 else (watched, twin)
-                    times = {id(t): t.block(batches) for t in order}
+                    # A round is one block of each, interleaved step by step, so that a
+                    # slow spell of the machine lands on both; which goes first alternates.
+                    first, second = (twin, watched) if r % 2 == 0 else (watched, twin)
+                    times = {id(twin): 0.0, id(watched): 0.0}
+                    for x, y in batches:
+                        times[id(first)] += first.step(x, y)
+                        times[id(second)] += second.step(x, y)
                     twin_times.append(times[id(twin)])
                     watched_times.append(times[id(watched)])
                     ratios.append(times[id(watched)] / times[id(twin)])
@@ -246,8 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workloads = args.workloads or (["mlp"] if args.quick else list(WORKLOADS))
     methods = args.methods or list(PEERS)
-    rounds = args.rounds or (12 if args.quick else 20)
-    block = args.block or (10 if args.quick else 20)
+    rounds = args.rounds or (5 if args.quick else 12)
+    # 50 steps: one flush period and one detailed-step period, so every block pays
+    # its share of both instead of the median hiding them.
+    block = args.block or 50
     print(
         f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
     )

@@ -30,13 +30,13 @@ class Instrument:
 
 
 class Gradwatch(Instrument):
-    def __init__(self, run: Path, mode: str) -> None:
-        self.run, self.mode, self.watcher = run, mode, None
+    def __init__(self, run: Path, mode: str, **options) -> None:
+        self.run, self.mode, self.options, self.watcher = run, mode, options, None
 
     def attach(self, model, opt):
         import gradwatch
 
-        self.watcher = gradwatch.watch(model, opt, run=self.run, mode=self.mode)
+        self.watcher = gradwatch.watch(model, opt, run=self.run, mode=self.mode, **self.options)
 
     def after_step(self, loss):
         self.watcher.log(loss=loss)
@@ -176,7 +176,12 @@ class Peer:
 
 
 PEERS: dict[str, Peer] = {
+    # A second uninstrumented copy: the noise floor of the pairing itself.
+    "uninstrumented": Peer(lambda run: Instrument(), comparable=False),
     "gradwatch_default": Peer(lambda run: Gradwatch(run, "default")),
+    # Only what runs on every step (gradient norms and the non-finite checks): the
+    # always-on localization, next to detect_anomaly.
+    "gradwatch_nonfinite": Peer(lambda run: Gradwatch(run, "default", detail=lambda step: False)),
     "gradwatch_grads": Peer(lambda run: Gradwatch(run, "grads")),
     "gradwatch_full": Peer(lambda run: Gradwatch(run, "full")),
     "foreach_norm": Peer(lambda run: ForeachNorm()),

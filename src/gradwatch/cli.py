@@ -51,8 +51,11 @@ def run(
     ] = None,
     every: Annotated[int, typer.Option(help="Store a step row every N optimizer steps.")] = 1,
     detail_every: Annotated[
-        int, typer.Option(help="Run the detailed probes every N steps (after a 10-step warm-up).")
-    ] = 10,
+        int,
+        typer.Option(
+            help="Run the detailed probes at most every N steps (densely during the first 100)."
+        ),
+    ] = 50,
     mode: Annotated[
         str, typer.Option(help="default, grads (cheapest) or full (every probe, every step).")
     ] = "default",

@@ -26,6 +26,22 @@ SATURATING: dict[type[nn.Module], str] = {
 RECTIFYING: dict[type[nn.Module], str] = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 RECURRENT = (nn.RNNBase,)
 
+# Modules that map finite inputs to finite outputs by construction: bounded or
+# 1-Lipschitz elementwise functions, dropout, max-pooling and reshapes. None of them
+# can be where an inf or NaN first appears, so the every-step non-finite check skips
+# them; they are measured on detailed steps only. Matched by exact type, since a
+# subclass may override forward. (SELU is left out: its 1.05 gain can overflow float16.)
+FINITE_PRESERVING: frozenset[type[nn.Module]] = frozenset(
+    {
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+        nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softsign,
+        nn.Softplus, nn.LogSigmoid, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+        nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+        nn.Identity, nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+        nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    }
+)  # fmt: skip
+
 
 def activation_kind(module: nn.Module) -> str | None:
     """The activation family of ``module`` ("sigmoid", "tanh", "relu", ...), or None."""
@@ -53,6 +69,11 @@ class Layer:
     @property
     def kind(self) -> str | None:
         return activation_kind(self.module)
+
+    @property
+    def checked_every_step(self) -> bool:
+        """Whether its output is checked for inf/NaN on every step, not only detailed ones."""
+        return type(self.module) not in FINITE_PRESERVING
 
     @property
     def fan_in(self) -> int | None:

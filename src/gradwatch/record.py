@@ -10,10 +10,9 @@ steps cross to the host in one copy per device (:func:`to_host`), and
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,22 +51,29 @@ class StepBuffer:
         return self.stepped or self.backward_grads is not None
 
     def pack(self) -> PackedStep:
-        """Stack this step's scalars into one float64 tensor per device (a few kernels, no sync)."""
+        """Stack this step's scalars into one tensor per device (one kernel each, no sync)."""
         if not self.stepped and self.backward_grads is not None:
             self.extend(*self.backward_grads)
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        if not self.values:
+            return PackedStep(self.step, self.detail, [], [], [], list(self.host_losses))
+        try:  # the common case: every scalar on one device; stack promotes dtypes
+            tensors = [torch.stack(self.values)]
+            keys, counts = self.keys, self.counts
+        except RuntimeError:  # several devices, or a logged loss that is not 0-d
+            keys, counts, tensors = self._pack_by_device()
+        return PackedStep(self.step, self.detail, keys, counts, tensors, list(self.host_losses))
+
+    def _pack_by_device(self) -> tuple[list[Key], list[int], list[torch.Tensor]]:
+        groups: dict[torch.device, list[int]] = defaultdict(list)
         for i, value in enumerate(self.values):
-            groups[(value.device, value.dtype)].append(i)
+            groups[value.device].append(i)
         order: list[int] = []
         tensors: list[torch.Tensor] = []
         for idx in groups.values():
             order.extend(idx)
-            # Norms and sums are 0-d already; only a logged loss may need reshaping.
-            scalars = [v if v.dim() == 0 else v.reshape(()) for v in (self.values[i] for i in idx)]
-            tensors.append(torch.stack(scalars).to(torch.float64))
-        keys = [self.keys[i] for i in order]
-        counts = [self.counts[i] for i in order]
-        return PackedStep(self.step, self.detail, keys, counts, tensors, list(self.host_losses))
+            scalars = [self.values[i].reshape(()) for i in idx]
+            tensors.append(torch.stack(scalars))
+        return [self.keys[i] for i in order], [self.counts[i] for i in order], tensors
 
 
 @dataclass
@@ -88,14 +94,17 @@ def to_host(steps: Sequence[PackedStep], extra: Sequence[torch.Tensor] = ()) -> 
     their host copies are returned in order.
     """
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    filled: dict[torch.device, int] = defaultdict(int)
     slots: list[tuple[torch.device, int, int]] = []
-    for tensor in [t for s in steps for t in s.tensors] + [t.to(torch.float64) for t in extra]:
-        chunks = by_device[tensor.device]
-        start = sum(c.numel() for c in chunks)
-        chunks.append(tensor)
-        slots.append((tensor.device, start, tensor.numel()))
+    for tensor in [t for s in steps for t in s.tensors] + list(extra):
+        by_device[tensor.device].append(tensor)
+        slots.append((tensor.device, filled[tensor.device], tensor.numel()))
+        filled[tensor.device] += tensor.numel()
     # Host sync: the one place per flush where device statistics are read back.
-    host = {dev: torch.cat(chunks).cpu().numpy() for dev, chunks in by_device.items()}
+    # (cat promotes the scalars' mixed dtypes; float64 on the host.)
+    host = {
+        dev: torch.cat(chunks).cpu().numpy().astype(np.float64) for dev, chunks in by_device.items()
+    }
     pieces = [host[dev][start : start + n] for dev, start, n in slots]
     cursor = 0
     for s in steps:
@@ -103,133 +112,3 @@ def to_host(steps: Sequence[PackedStep], extra: Sequence[torch.Tensor] = ()) -> 
         s.values = np.concatenate(pieces[cursor : cursor + n]) if n else np.zeros(0)
         cursor += n
     return pieces[cursor:]
-
-
-@dataclass
-class StepRow:
-    """The host-side result of one step: per-layer and per-parameter metrics."""
-
-    step: int
-    detail: bool
-    loss: float | None = None
-    layer: dict[tuple[int, str], float] = field(default_factory=dict)
-    param: dict[tuple[int, str], float] = field(default_factory=dict)
-    nonfinite_layers: list[int] = field(default_factory=list)
-    nonfinite_params: list[int] = field(default_factory=list)
-
-
-def _pooled_std(parts: list[tuple[int, float, float]]) -> float:
-    """Population std of several chunks given (count, mean, variance) of each."""
-    total = sum(n for n, _, _ in parts)
-    mean = sum(n * m for n, m, _ in parts) / total
-    second = sum(n * (v + m * m) for n, m, v in parts) / total
-    return math.sqrt(max(second - mean * mean, 0.0))
-
-
-def aggregate(
-    packed: PackedStep, param_layer: Sequence[int], param_numel: Sequence[int]
-) -> StepRow:
-    """Combine one step's raw scalars into metrics per layer and per parameter.
-
-    Sums and counts add up over repeated calls of a module (several forwards or
-    micro-batches in one step); norms combine as the root of summed squares.
-    """
-    assert packed.values is not None, "to_host() must run before aggregate()"
-    row = StepRow(packed.step, packed.detail)
-    acc: dict[tuple[str, int, str], float] = defaultdict(float)
-    cnt: dict[tuple[int, str], int] = defaultdict(int)
-    moments: dict[int, list[tuple[int, float, float]]] = defaultdict(list)
-    losses: list[float] = list(packed.host_losses)
-    scaled: list[float] = []
-    scale = None
-    pending_mean: dict[int, tuple[int, float]] = {}
-    for (scope, idx, code), count, value in zip(
-        packed.keys, packed.counts, packed.values.tolist(), strict=True
-    ):
-        if scope == "s":
-            if code == "loss":
-                losses.append(value)
-            elif code == "sloss":
-                scaled.append(value)
-            elif code == "scale":
-                scale = value
-            continue
-        if code in ("gnorm", "err", "unorm", "wnorm"):
-            acc[(scope, idx, code)] += value * value
-        else:
-            acc[(scope, idx, code)] += value
-        if scope == "l":
-            cnt[(idx, code)] += count
-            if code == "fmean":
-                pending_mean[idx] = (count, value)
-            elif code == "fvar":
-                n, m = pending_mean.pop(idx)
-                moments[idx].append((n, m, value))
-    # Losses caught at backward() under a GradScaler carry its scale factor.
-    losses += [v / scale for v in scaled] if scale else scaled
-    if losses:
-        row.loss = sum(losses) / len(losses)
-    _layer_metrics(row, acc, cnt, moments, scale, param_layer, param_numel)
-    return row
-
-
-def _layer_metrics(row, acc, cnt, moments, scale, param_layer, param_numel) -> None:
-    grad_sq: dict[int, float] = defaultdict(float)
-    grad_zero: dict[int, float] = defaultdict(float)
-    grad_numel: dict[int, int] = defaultdict(int)
-    upd_sq: dict[int, float] = defaultdict(float)
-    w_sq: dict[int, float] = defaultdict(float)
-    bad_layers: set[int] = set()
-    for (scope, idx, code), value in acc.items():
-        if scope == "p":
-            layer = param_layer[idx]
-            if code == "gnorm":
-                norm = math.sqrt(value)
-                row.param[(idx, "grad_norm")] = norm
-                grad_sq[layer] += value
-                grad_numel[layer] += param_numel[idx]
-                if not math.isfinite(norm):
-                    row.nonfinite_params.append(idx)
-                    bad_layers.add(layer)
-            elif code == "gzero":
-                grad_zero[layer] += value
-            elif code == "unorm":
-                row.param[(idx, "update_norm")] = math.sqrt(value)
-                upd_sq[layer] += value
-            elif code == "wnorm":
-                row.param[(idx, "weight_norm")] = math.sqrt(value)
-                w_sq[layer] += value
-            continue
-        n = cnt[(idx, code)]
-        if code == "fsum" and n:
-            row.layer[(idx, "act_mean")] = value / n
-            if not math.isfinite(value):
-                bad_layers.add(idx)
-        elif code == "sat" and n:
-            row.layer[(idx, "saturated_frac")] = value / n
-        elif code == "dsum" and n:
-            row.layer[(idx, "act_derivative")] = value / n
-        elif code == "zero" and n:
-            row.layer[(idx, "zero_frac")] = value / n
-        elif code == "err":
-            norm = math.sqrt(value) / (scale or 1.0)
-            row.layer[(idx, "error_norm")] = norm
-            size = cnt[(idx, "fsum")]
-            if size:
-                row.layer[(idx, "error_rms")] = norm / math.sqrt(size)
-            if not math.isfinite(norm):
-                bad_layers.add(idx)
-    for idx, parts in moments.items():
-        row.layer[(idx, "act_std")] = _pooled_std(parts)
-    for layer, sq in grad_sq.items():
-        row.layer[(layer, "grad_norm")] = math.sqrt(sq)
-        if layer in grad_zero:
-            row.layer[(layer, "grad_zero_frac")] = grad_zero[layer] / grad_numel[layer]
-    for layer, sq in w_sq.items():
-        row.layer[(layer, "weight_norm")] = math.sqrt(sq)
-        if layer in upd_sq and sq > 0:
-            row.layer[(layer, "update_ratio")] = math.sqrt(upd_sq[layer] / sq)
-    measured = {idx for (idx, _m) in row.layer}
-    for layer in measured:
-        row.layer[(layer, "nonfinite")] = 1.0 if layer in bad_layers else 0.0
-    row.nonfinite_layers = sorted(bad_layers)

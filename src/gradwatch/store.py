@@ -4,7 +4,7 @@ The file is ``run.sqlite`` inside the run directory. It uses write-ahead logging
 one transaction per flush, so after a crash or ``kill -9`` it holds every step up to
 the last flush. Open it with the stdlib ``sqlite3`` or with :func:`open_run`.
 
-Schema (version 1):
+Schema (version 2):
 
 ``meta(key TEXT PRIMARY KEY, value TEXT)``
     schema_version, gradwatch and torch versions, mode, command line, status.
@@ -27,9 +27,17 @@ Schema (version 1):
     norm over the square root of the output's size), act_mean, act_std,
     saturated_frac, act_derivative (mean derivative over its maximum, for saturating
     activations), zero_frac, dead_frac, update_ratio, weight_norm, nonfinite and,
-    for recurrent layers, recurrent_radius.
+    for recurrent layers, recurrent_radius. Every step has grad_norm, and act_mean
+    for each layer that can originate an inf or NaN (see
+    ``layers.FINITE_PRESERVING``); the rest come on detailed steps. ``nonfinite``
+    rows are written only where a layer's forward output, error or gradient was inf
+    or NaN (value 1); :meth:`Run.matrix` fills in 0 wherever the layer was measured
+    at that step and NaN elsewhere.
 ``param_metrics(step, param_id, metric, value)``
-    grad_norm every step; update_norm and weight_norm on detailed steps.
+    grad_norm, update_norm and weight_norm, on detailed steps and non-finite ones.
+
+Version 1 stores wrote explicit ``nonfinite`` 0 rows and per-parameter grad_norm on
+every step; they read the same way.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILE_NAME = "run.sqlite"
 
 _SCHEMA = """
@@ -195,12 +203,8 @@ class Run:
             [np.nan if r[1] is None else r[1] for r in step_rows], dtype=np.float64
         )
         self._row = {int(s): i for i, s in enumerate(self.steps)}
-        self.metrics = [
-            m
-            for (m,) in self._db.execute(
-                "SELECT DISTINCT metric FROM layer_metrics ORDER BY metric"
-            )
-        ]
+        stored = {m for (m,) in self._db.execute("SELECT DISTINCT metric FROM layer_metrics")}
+        self.metrics = sorted(stored | {"nonfinite"} if stored else stored)
         self.param_info = [
             ParamRow(*r)
             for r in self._db.execute(
@@ -210,28 +214,44 @@ class Run:
         self.params = [r.name for r in self.param_info]
 
     def matrix(self, metric: str) -> np.ndarray:
-        """A (steps x layers) array of one metric, NaN where it was not measured."""
+        """A (steps x layers) array of one metric, NaN where it was not measured.
+
+        ``nonfinite`` is 1 where the layer's output, error or gradient was inf or NaN,
+        0 where the layer was measured and finite, NaN where it was not measured.
+        """
         if metric not in self.metrics:
             raise KeyError(f"no metric {metric!r} in this run; it has: {', '.join(self.metrics)}")
-        out = np.full((len(self.steps), len(self.layers)), np.nan)
-        for step, layer, value in self._db.execute(
-            "SELECT step, layer_id, value FROM layer_metrics WHERE metric = ?", (metric,)
-        ):
-            if step in self._row and layer in self._column:
-                out[self._row[step], self._column[layer]] = np.nan if value is None else value
-        return out
+        query = "SELECT step, layer_id, value FROM layer_metrics WHERE metric = ?"
+        if metric != "nonfinite":
+            return self._fill(self._db.execute(query, (metric,)), self._column, len(self.layers))
+        measured = self._fill(
+            self._db.execute("SELECT DISTINCT step, layer_id, 0.0 FROM layer_metrics"),
+            self._column,
+            len(self.layers),
+        )
+        flagged = self._fill(self._db.execute(query, (metric,)), self._column, len(self.layers))
+        return np.where(np.isnan(flagged), measured, flagged)
 
     def param_matrix(self, metric: str) -> np.ndarray:
         """A (steps x params) array of a per-parameter metric (grad_norm, update_norm, weight_norm)."""
-        ids = {
-            pid: i for i, (pid,) in enumerate(self._db.execute("SELECT id FROM params ORDER BY id"))
-        }
-        out = np.full((len(self.steps), len(ids)), np.nan)
-        for step, pid, value in self._db.execute(
-            "SELECT step, param_id, value FROM param_metrics WHERE metric = ?", (metric,)
-        ):
-            if step in self._row and pid in ids:
-                out[self._row[step], ids[pid]] = np.nan if value is None else value
+        column = {r.id: i for i, r in enumerate(self.param_info)}
+        query = "SELECT step, param_id, value FROM param_metrics WHERE metric = ?"
+        return self._fill(self._db.execute(query, (metric,)), column, len(column))
+
+    def _fill(self, rows: Iterable[tuple], column: dict[int, int], width: int) -> np.ndarray:
+        """Scatter (step, id, value) rows into a (steps x width) array; NULL reads as NaN."""
+        out = np.full((len(self.steps), width), np.nan)
+        data = np.array(list(rows), dtype=np.float64).reshape(-1, 3)  # None becomes NaN
+        if not len(data) or not column:
+            return out
+        steps, ids = data[:, 0].astype(np.int64), data[:, 1].astype(np.int64)
+        lookup = np.full(max(max(column), int(ids.max())) + 1, -1)
+        lookup[list(column)] = list(column.values())
+        cols = np.where(ids >= 0, lookup[np.clip(ids, 0, None)], -1)
+        rows_at = np.searchsorted(self.steps, steps)
+        found = (rows_at < len(self.steps)) & (cols >= 0)
+        found[found] = self.steps[rows_at[found]] == steps[found]
+        out[rows_at[found], cols[found]] = data[found, 2]
         return out
 
     def step_table(self) -> list[dict]:

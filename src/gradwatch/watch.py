@@ -18,23 +18,26 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import __version__
+from .aggregate import Block, Layout, Tally, tally_steps
 from .layers import RECTIFYING, RECURRENT, Layer, discover_layers, named_roots
-from .probes.activations import SATURATION_LEVEL, moments, output_sum, relative_derivative, unit_max
-from .probes.grads import grad_norms, vector_norm, zero_counts
+from .probes.activations import output_sum, saturation, unit_max
+from .probes.grads import LOW_PRECISION, GradNormPlan, nonzero_counts, vector_norm
 from .probes.numerics import NonFiniteError
 from .probes.recurrent import recurrent_radius
 from .probes.updates import UpdateProbe
-from .record import PackedStep, StepBuffer, aggregate, to_host
+from .record import PackedStep, StepBuffer, to_host
 from .schedule import as_schedule
 from .store import LayerRow, RunWriter
 
@@ -124,6 +127,14 @@ class Watcher:
         self._handles: list[Any] = []
         self._root_handles: dict[str, list[Any]] = {}
         self._root_names: dict[str, str] = {}
+        # Layers that cannot originate inf/NaN: hooked only while a detailed step runs.
+        self._detail_only: dict[str, list[tuple[nn.Module, Callable]]] = {}
+        self._detail_handles: list[Any] | None = None
+        # Layer outputs of the open forward passes whose check waits for the model's
+        # output (a stack: watched models may nest); _deferred_top is the innermost
+        # list, or None where layers are summed at once (detailed steps, accelerators).
+        self._deferred: list[tuple[nn.Module, list[tuple[int, Any]] | None]] = []
+        self._deferred_top: list[tuple[int, Any]] | None = None
         self._dropped: set[int] = set()
         self.before_first_flush: Callable[[Watcher], None] | None = None
         self._root_of: dict[int, nn.Module] = {}
@@ -131,13 +142,19 @@ class Watcher:
         self._expected: set[int] = set()
         self._stepped: set[int] = set()
         self._closure: dict[int, bool] = {}
+        self._step_depth: dict[int, int] = {}
         self._opt_params: dict[int, tuple[int, list[int]]] = {}
+        self._grad_plans: dict[tuple[int, ...], GradNormPlan] = {}
+        # Layers whose mean derivative follows from their output's moments (sigmoid, tanh).
+        self._moment_derivatives: dict[int, Callable] = {}
+        self._layouts: dict[tuple, Layout] = {}
+        self._layouts_for = 0
         self._scalers: weakref.WeakSet = weakref.WeakSet()
         self._updates = UpdateProbe()
         self._manual_snapshot = False
         self._callback_queued = False
         self._flush_due = False
-        self._alive: dict[int, torch.Tensor] = {}
+        self._unit_peak: dict[int, torch.Tensor] = {}
         self._last_act_step: dict[int, int] = {}
         self._pending: list[PackedStep] = []
         self._written_layers = 0
@@ -188,16 +205,26 @@ class Watcher:
                     self._param_names.append(pname)
                     self._param_layer.append(layer.index)
                     self._param_numel.append(p.numel())
-                if self.mode != "grads":
-                    handles.append(layer.module.register_forward_hook(self._make_layer_hook(layer)))
+                if self.mode == "grads":
+                    continue
+                hook = self._make_layer_hook(layer)
+                sat = saturation(layer.module, layer.kind)
+                if sat is not None and sat.from_moments is not None:
+                    self._moment_derivatives[layer.index] = sat.from_moments
+                if layer.checked_every_step or self.mode == "full":
+                    handles.append(layer.module.register_forward_hook(hook))
+                else:
+                    self._detail_only.setdefault(prefix, []).append((layer.module, hook))
             handles.append(root.register_forward_pre_hook(self._root_pre_hook))
-            handles.append(root.register_forward_hook(self._root_post_hook))
+            handles.append(root.register_forward_hook(self._root_post_hook, always_call=True))
         self._layers_dirty = True
 
     def drop_model(self, prefix: str) -> None:
         """Stop watching a model (before anything of it was written): hooks off, layers out."""
         for handle in self._root_handles.pop(prefix, []):
             handle.remove()
+        self._detach_detail_hooks()
+        self._detail_only.pop(prefix, None)
         root = self._roots.pop(prefix)
         self._dropped.update(layer.index for layer in self.layers if layer.root is root)
 
@@ -216,6 +243,8 @@ class Watcher:
         self._roots[new] = root
         self._root_names[new] = self._root_names.pop(old, new)
         self._root_handles[new] = self._root_handles.pop(old, [])
+        if old in self._detail_only:
+            self._detail_only[new] = self._detail_only.pop(old)
 
         def rename(name: str) -> str:
             bare = name[len(old) + 1 :] if old else name
@@ -270,14 +299,72 @@ class Watcher:
             self._finalize()
         if self._flush_due:
             self._safe_flush()
+        if self._step_depth:  # a step that raised never ran its post-hook; forget it
+            self._step_depth = {k: d for k, d in self._step_depth.items() if self._closure.get(k)}
+        self._attach_detail_hooks()
         self._open.forward_seen = True
+        self._deferred_top = [] if self._defers_checks(args) else None
+        self._deferred.append((module, self._deferred_top))
 
     def _root_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Runs after every forward of a watched model, also one that raised (``always_call``)."""
+        if self._deferred and self._deferred[-1][0] is module:
+            outputs = self._deferred.pop()[1]
+            self._deferred_top = self._deferred[-1][1] if self._deferred else None
+            if outputs:
+                self._check_deferred(outputs, output)
         if self._closed or self._optimizers or _compiling() or not self._training(module):
             return  # with an optimizer, its step marks the step; no need to find backward's end
         out = _first_tensor(output)
         if out is not None and out.requires_grad:
             out.register_hook(self._arm_backward_end)
+
+    def _defers_checks(self, args: Any) -> bool:
+        """Whether this forward's layer checks wait for the model's output (see below).
+
+        On plain steps on the CPU, yes. On detailed steps every layer is measured
+        anyway, and on an accelerator reading the output back would stall it, so each
+        layer queues its own sum there instead.
+        """
+        first = _first_tensor(args)
+        return not self._open.detail and (first is None or first.is_cpu)
+
+    def _check_deferred(self, outputs: list[tuple[int, Any]], output: Any) -> None:
+        """Sum the deferred CPU outputs only if the model's own output is not finite.
+
+        On the CPU a host read waits for nothing, so one check of the model's output
+        replaces a sum per module on every step; the modules are summed, in execution
+        order, only when that check fails. What a later module absorbs (a -inf that a
+        ReLU zeroes) goes unseen, and does no harm; an in-place op of a later module
+        is seen in the output it overwrote.
+        """
+        if self._closed:
+            return
+        leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+        leaves = [t for t in leaves if t.is_floating_point()]
+        # Host read: the output is on the CPU, so there is no device to wait for.
+        if (
+            leaves
+            and all(t.device.type == "cpu" for t in leaves)
+            and all(math.isfinite(output_sum(t).item()) for t in leaves)
+        ):
+            return
+        for index, layer_output in outputs:
+            out = _first_tensor(layer_output)
+            if out is not None:
+                self._record_output(index, out)
+
+    def _record_output(
+        self, index: int, out: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> None:
+        """Queue a layer output's sum (its mean, and the non-finite check) on the open step."""
+        buf = self._open
+        total = output_sum(out) if dtype is None else out.detach().sum(dtype=dtype)
+        buf.keys.append(("l", index, "fsum"))  # StepBuffer.add, inlined: runs for every layer call
+        buf.values.append(total)
+        buf.counts.append(out.numel())
+        if self.stop_on_nonfinite and not bool(torch.isfinite(total)):  # host sync, opt-in
+            raise NonFiniteError(self.layers[index].name, buf.step, "forward output")
 
     def _arm_backward_end(self, grad: torch.Tensor) -> None:
         if not self._callback_queued:
@@ -307,12 +394,18 @@ class Watcher:
             self._add_updates(*self._updates.end(-1))
 
     def _make_layer_hook(self, layer: Layer) -> Callable:
-        index, name, root = layer.index, layer.name, layer.root
-        derivative = relative_derivative(layer.module, layer.kind)
-        fsum_key = ("l", index, "fsum")
+        index, root = layer.index, layer.root
+        sat = saturation(layer.module, layer.kind)
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
+            deferred = self._deferred_top
+            if deferred is not None:  # the common step on the CPU: keep a reference only
+                if index not in self._exec_order:
+                    self._exec_order[index] = len(self._exec_order)
+                    self._layers_dirty = True
+                deferred.append((index, output))
+                return
             if self._closed or _compiling() or not torch.is_grad_enabled() or not root.training:
                 return
             out = _first_tensor(output)
@@ -322,30 +415,43 @@ class Watcher:
                 self._exec_order[index] = len(self._exec_order)
                 self._layers_dirty = True
             buf = self._open
-            n = out.numel()
-            total = output_sum(out)
-            buf.keys.append(fsum_key)  # StepBuffer.add, inlined: this runs for every layer call
-            buf.values.append(total)
-            buf.counts.append(n)
-            if self.stop_on_nonfinite and not bool(torch.isfinite(total)):  # host sync, opt-in
-                raise NonFiniteError(name, buf.step, "forward output")
             if not buf.detail:
+                self._record_output(index, out)
                 return
-            var, mean = moments(out)
-            buf.add(("l", index, "fmean"), mean, n)
-            buf.add(("l", index, "fvar"), var, n)
-            if derivative is not None:
-                slope = derivative(out.detach().float())
-                buf.add(("l", index, "sat"), (slope < SATURATION_LEVEL).sum(), n)
-                buf.add(("l", index, "dsum"), slope.sum(), n)
+            # Sum and sum of squares accumulated in float64: exact squares of float32
+            # values, so the variance (taken on the host) does not cancel away.
+            self._record_output(index, out, torch.float64)
+            n = out.numel()
+            y = out.detach()
+            buf.add(("l", index, "fsq"), vector_norm(y, dtype=torch.float64), n)
+            y = y.float() if y.dtype in LOW_PRECISION else y
+            if sat is not None:
+                buf.add(("l", index, "sat"), sat.saturated_count(y), n)
+                if sat.from_moments is None:  # else it follows from the moments at flush
+                    buf.add(("l", index, "dsum"), sat.derivative(y).sum(), n)
             if rectifier:
-                buf.add(("l", index, "zero"), (out.detach() == 0).sum(), n)
-                self._track_alive(index, out)
+                buf.add(("l", index, "nonzero"), torch.count_nonzero(y), n)
+                self._track_alive(index, y)
             for leaf in tree_leaves(output):
                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
                     leaf.register_hook(self._make_error_hook(index))
 
         return hook
+
+    def _attach_detail_hooks(self) -> None:
+        """On a detailed step, hook the layers that are skipped on the others."""
+        if self._detail_handles is not None or not self._open.detail:
+            return
+        self._detail_handles = [
+            module.register_forward_hook(hook)
+            for pairs in self._detail_only.values()
+            for module, hook in pairs
+        ]
+
+    def _detach_detail_hooks(self) -> None:
+        for handle in self._detail_handles or ():
+            handle.remove()
+        self._detail_handles = None
 
     def _make_error_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def on_grad(grad: torch.Tensor) -> None:
@@ -354,12 +460,13 @@ class Watcher:
         return on_grad
 
     def _track_alive(self, index: int, out: torch.Tensor) -> None:
-        peak = unit_max(out) > 0
-        alive = self._alive.get(index)
-        if alive is None or alive.shape != peak.shape:
-            self._alive[index] = peak
+        """Keep each unit's largest output over the flush window (a ReLU unit is alive if > 0)."""
+        peak = unit_max(out)
+        best = self._unit_peak.get(index)
+        if best is None or best.shape != peak.shape:
+            self._unit_peak[index] = peak
         else:
-            alive.logical_or_(peak)
+            torch.maximum(best, peak, out=best)
         self._last_act_step[index] = self._open.step
 
     # ----------------------------------------------------------------- optimizer steps
@@ -378,9 +485,12 @@ class Watcher:
             self._opt_params[id(optimizer)] = cached
         return cached[1]
 
-    def _grad_entries(self, indices: Iterable[int]) -> tuple[list, list[torch.Tensor]]:
-        idx = [i for i in indices if self._params[i].grad is not None]
-        order, norms = grad_norms(idx, [self._params[i].grad for i in idx])
+    def _grad_entries(self, indices: Sequence[int]) -> tuple[list, list[torch.Tensor]]:
+        key = tuple(indices)
+        plan = self._grad_plans.get(key)
+        if plan is None:
+            plan = self._grad_plans[key] = GradNormPlan(indices, self._params)
+        order, norms = plan.norms(self._params)
         keys = [("p", i, "gnorm") for i in order]
         if self.stop_on_nonfinite and norms:
             bad = ~torch.isfinite(torch.stack(norms))
@@ -395,9 +505,8 @@ class Watcher:
         buf.extend(keys, norms)
         if buf.detail:
             idx = [k[1] for k in keys]
-            buf.extend(
-                [("p", i, "gzero") for i in idx], zero_counts([self._params[i].grad for i in idx])
-            )
+            grads = [self._params[i].grad for i in idx]
+            buf.extend([("p", i, "gnonzero") for i in idx], nonzero_counts(grads))
 
     def _add_updates(
         self, indices: list[int], update: list[torch.Tensor], weight: list[torch.Tensor]
@@ -422,9 +531,15 @@ class Watcher:
         if self._closed:
             return
         key = id(optimizer)
+        # A subclass whose step() calls super().step() fires the hooks once per level.
+        self._step_depth[key] = self._step_depth.get(key, 0) + 1
+        if self._step_depth[key] > 1:
+            return
         if key in self._stepped:
             self._finalize()  # this optimizer steps again: the last round is complete
-        closure = bool(args and args[0] is not None) or kwargs.get("closure") is not None
+        # The optimizer's step wrapper passes (optimizer, *step_args) as args.
+        user_args = args[1:] if args and args[0] is optimizer else args
+        closure = bool(user_args and user_args[0] is not None) or kwargs.get("closure") is not None
         self._closure[key] = closure
         indices = self._model_params_of(optimizer)
         if not closure:
@@ -441,11 +556,15 @@ class Watcher:
         if self._closed:
             return
         key = id(optimizer)
+        self._step_depth[key] = self._step_depth.get(key, 1) - 1
+        if self._step_depth[key] > 0:
+            return
         indices = self._model_params_of(optimizer)
         if self._closure.pop(key, False):
             self._record_grads(indices)
-        keep = {i for i in indices if self._params[i].grad is not None}
-        self._add_updates(*self._updates.end(key, keep))
+        if self._updates.pending(key):
+            keep = {i for i in indices if self._params[i].grad is not None}
+            self._add_updates(*self._updates.end(key, keep))
         if key not in self._expected:
             self._expected.add(key)
         self._stepped.add(key)
@@ -473,12 +592,12 @@ class Watcher:
             if isinstance(loss, torch.Tensor):
                 target.keys.append(("s", 0, code))
                 target.counts.append(0)
-                target.tensors.append(loss.detach().reshape(1).to(torch.float64))
+                target.tensors.append(loss.detach().reshape(1))
             else:
                 target.host_losses.append(float(loss))
             return
         if isinstance(loss, torch.Tensor):
-            buf.add(("s", 0, "sloss" if scaled else "loss"), loss.detach())
+            buf.add(("s", 0, "sloss" if scaled else "loss"), loss.detach().reshape(()))
         else:
             buf.host_losses.append(float(loss))
 
@@ -487,6 +606,7 @@ class Watcher:
         buf = self._open
         self._stepped.clear()
         self._updates.discard()
+        self._detach_detail_hooks()
         if buf.has_grads or (partial and buf.forward_seen):
             packed = buf.pack()
             packed.partial = partial  # type: ignore[attr-defined]
@@ -508,25 +628,35 @@ class Watcher:
         if self.before_first_flush is not None:
             callback, self.before_first_flush = self.before_first_flush, None
             callback(self)
-        dead_layers = [i for i in self._alive if i in self._last_act_step]
-        alive = [self._alive[i].float().mean() for i in dead_layers]
+        pending = {p.step for p in self._pending}
+        dead_layers = [i for i in self._unit_peak if self._last_act_step.get(i) in pending]
+        alive = [(self._unit_peak[i] > 0).float().mean() for i in dead_layers]
         radius = self._recurrent_radii() if self._pending else {}
         extras = to_host(
             self._pending, [torch.stack(t) for t in (alive, list(radius.values())) if t]
         )
-        rows = [aggregate(p, self._param_layer, self._param_numel) for p in self._pending]
-        by_step = {row.step: row for row in rows}
+        if self._layouts_for != len(self._params):  # parameters joined: new layouts
+            self._layouts.clear()
+            self._layouts_for = len(self._params)
+        tallies = tally_steps(
+            self._pending,
+            self._param_layer,
+            self._param_numel,
+            self._moment_derivatives,
+            self._layouts,
+        )
+        once: list[tuple[int, int, str, float]] = []  # measured once per flush window
         if dead_layers:
             for i, frac in zip(dead_layers, extras.pop(0).tolist(), strict=True):
-                row = by_step.get(self._last_act_step[i])
-                if row is not None:
-                    row.layer[(i, "dead_frac")] = 1.0 - frac
+                once.append((self._last_act_step[i], i, "dead_frac", 1.0 - frac))
         if radius:
+            last = self._pending[-1].step
             for i, value in zip(radius, extras.pop(0).tolist(), strict=True):
-                rows[-1].layer[(i, "recurrent_radius")] = value
-        self._alive.clear()
+                once.append((last, i, "recurrent_radius", value))
+        self._unit_peak.clear()
         self._last_act_step.clear()
-        self._write(rows, [getattr(p, "partial", False) for p in self._pending])
+        partial = {p.step for p in self._pending if getattr(p, "partial", False)}
+        self._write(tallies, partial, once)
         self._pending.clear()
 
     def _model_of(self, layer: Layer) -> str:
@@ -554,7 +684,7 @@ class Watcher:
                     radii[layer.index] = value
         return radii
 
-    def _write(self, rows: list, partial: list[bool]) -> None:
+    def _write(self, tallies: list[Tally], partial: set[int], once: list[tuple]) -> None:
         layers = (
             [
                 LayerRow(
@@ -580,47 +710,78 @@ class Watcher:
         ]
         self._written_params = len(self._params)
         self._layers_dirty = False
-        steps, lm, pm = [], [], []
-        order = self._exec_order
-        dropped = self._dropped
-        for row, cut in zip(rows, partial, strict=True):
-            if dropped:
-                row.layer = {k: v for k, v in row.layer.items() if k[0] not in dropped}
-                row.param = {
-                    k: v for k, v in row.param.items() if self._param_layer[k[0]] not in dropped
-                }
-                row.nonfinite_layers = [i for i in row.nonfinite_layers if i not in dropped]
-                row.nonfinite_params = [
-                    i for i in row.nonfinite_params if self._param_layer[i] not in dropped
-                ]
-            forward_bad = [
-                i
-                for i in row.nonfinite_layers
-                if not math.isfinite(row.layer.get((i, "act_mean"), 0.0))
-            ]
-            first = min(forward_bad, key=lambda i: order.get(i, 1 << 30), default=None)
-            bad = bool(row.nonfinite_layers or row.nonfinite_params) or (
-                row.loss is not None and not math.isfinite(row.loss)
+        steps: list[tuple] = []
+        layer_rows: list[Iterable[tuple]] = []
+        param_rows: list[Iterable[tuple]] = []
+        kept: set[int] = set()
+        for tally in tallies:
+            keep, keep_params = self._step_rows(tally, partial, steps)
+            kept.update(s for s, k in zip(tally.steps, keep.tolist(), strict=True) if k)
+            dropped_layer = self._dropped_mask
+            for block in tally.layer:
+                layer_rows.append(_rows(tally.steps, block, keep, dropped_layer(block.ids)))
+            if tally.bad_layers is not None:
+                bad = tally.bad_layers
+                flagged = Block("nonfinite", bad.ids, np.ones(bad.values.shape), bad.values)
+                layer_rows.append(_rows(tally.steps, flagged, keep, dropped_layer(bad.ids)))
+            for block in tally.param:
+                layer_of = np.asarray(self._param_layer)[block.ids]
+                param_rows.append(_rows(tally.steps, block, keep_params, dropped_layer(layer_of)))
+        layer_rows.append(r for r in once if r[0] in kept and r[1] not in self._dropped)
+        self._writer.write(layers, params, steps, chain(*layer_rows), chain(*param_rows))
+
+    def _dropped_mask(self, layer_ids: np.ndarray) -> np.ndarray | None:
+        if not self._dropped:
+            return None
+        return np.isin(layer_ids, list(self._dropped))
+
+    def _step_rows(
+        self, tally: Tally, partial: set[int], out: list[tuple]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Append the steps-table rows of one tally; return which steps keep their metric rows."""
+        n = len(tally.steps)
+        bad_layers, bad_params = tally.bad_layers, tally.bad_params
+        layer_flags = _without(bad_layers, self._dropped_mask(bad_layers.ids), n)
+        param_flags = (
+            _without(
+                bad_params, self._dropped_mask(np.asarray(self._param_layer)[bad_params.ids]), n
             )
-            if bad:
-                self.nonfinite_steps.append(row.step)
-            if not bad and not cut and row.step % self.every:
-                continue
-            steps.append(
+            if bad_params is not None
+            else np.zeros((n, 0), dtype=bool)
+        )
+        loss_bad = np.array(
+            [x is not None and not math.isfinite(x) for x in tally.loss], dtype=bool
+        )
+        bad = layer_flags.any(axis=1) | param_flags.any(axis=1) | loss_bad
+        steps = np.asarray(tally.steps)
+        cut = np.isin(steps, list(partial))
+        keep = bad | cut | (steps % self.every == 0)
+        detail = np.asarray(tally.detail, dtype=bool)
+        act_mean = tally.layer_block("act_mean")
+        order = self._exec_order
+        for s in np.flatnonzero(keep).tolist():
+            first = names = None
+            if bad[s]:
+                self.nonfinite_steps.append(tally.steps[s])
+                forward = set(act_mean.ids[~np.isfinite(act_mean.values[s])].tolist())
+                layers = [i for i in bad_layers.ids[layer_flags[s]].tolist() if i in forward]
+                first = min(layers, key=lambda i: order.get(i, 1 << 30), default=None)
+                if bad_params is not None:
+                    names = [self._param_names[i] for i in bad_params.ids[param_flags[s]].tolist()]
+            out.append(
                 (
-                    row.step,
-                    row.loss,
-                    int(row.detail),
-                    int(cut),
-                    int(bad),
+                    tally.steps[s],
+                    tally.loss[s],
+                    int(detail[s]),
+                    int(cut[s]),
+                    int(bad[s]),
                     self.layers[first].name if first is not None else None,
-                    _json_list([self._param_names[i] for i in row.nonfinite_params]),
-                    int(row.loss is not None and not math.isfinite(row.loss)),
+                    _json_list(names or []),
+                    int(loss_bad[s]),
                 )
             )
-            lm.extend((row.step, i, m, v) for (i, m), v in row.layer.items())
-            pm.extend((row.step, i, m, v) for (i, m), v in row.param.items())
-        self._writer.write(layers, params, steps, lm, pm)
+        # Per-parameter rows on detailed steps and non-finite ones; per-layer rows on every kept step.
+        return keep, keep & (detail | bad)
 
     def close(self, *, error: BaseException | None = None) -> None:
         """Remove every hook, record the last step and close the store. Safe to call twice."""
@@ -633,6 +794,7 @@ class Watcher:
             self._safe_flush()
         finally:
             self._closed = True
+            self._detach_detail_hooks()
             for handle in self._handles + [h for hs in self._root_handles.values() for h in hs]:
                 handle.remove()
             self._handles.clear()
@@ -682,6 +844,30 @@ def _as_list(optimizer: Any) -> list:
     return items
 
 
+def _without(block: Block, dropped: np.ndarray | None, n: int) -> np.ndarray:
+    """A block's flags with dropped ids cleared."""
+    flags = block.values.astype(bool).reshape(n, len(block.ids))
+    return flags if dropped is None else flags & ~dropped[None, :]
+
+
+def _rows(
+    steps: Sequence[int], block: Block, keep: np.ndarray, dropped: np.ndarray | None
+) -> Iterable[tuple[int, int, str, float]]:
+    """(step, id, metric, value) rows of a block, for kept steps, measured entries and live ids."""
+    mask = keep[:, None] if block.mask is None else block.mask & keep[:, None]
+    if dropped is not None:
+        mask = mask & ~dropped[None, :]
+    mask = np.broadcast_to(mask, block.values.shape)
+    s, j = np.nonzero(mask)
+    return zip(
+        np.asarray(steps)[s].tolist(),
+        block.ids[j].tolist(),
+        repeat(block.metric, len(s)),
+        block.values[s, j].tolist(),
+        strict=True,
+    )
+
+
 def _json_list(items: list[str]) -> str | None:
     return json.dumps(items) if items else None
 
@@ -709,8 +895,9 @@ def watch(
         run: the run directory (default ``./gradwatch-runs/<time>-run-<pid>``).
         every: store a step row every N steps (non-finite steps are always stored).
         flush_every: steps between host syncs / store writes.
-        detail: when the detailed probes run: an int N (every N steps after a 10-step
-            warm-up) or a callable step -> bool. Default: ``Schedule()``.
+        detail: when the detailed probes run: an int N (``Schedule(every=N)``: the
+            first 10 steps, every 10th up to step 99, then every N-th) or a callable
+            step -> bool. Default: ``Schedule()``, N = 50.
         mode: "default"; "grads" (gradient norms only, the cheapest); "full" (every
             probe on every step).
         scaler: an AMP GradScaler, so that error norms and losses are reported unscaled.

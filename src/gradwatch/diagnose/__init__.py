@@ -49,6 +49,7 @@ def diagnose(run: Run | str | Path) -> Report:
     Example:
         >>> import tempfile, torch, gradwatch
         >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.05)
         >>> x = torch.randn(64, 8); y = x.sum(1, keepdim=True)

@@ -21,9 +21,9 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in LOW_PRECISION else None
 
 
-def vector_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """L2 norm of one tensor as a 0-d device tensor, safe for half precision."""
-    return torch.linalg.vector_norm(tensor, dtype=norm_dtype(tensor.dtype))
+def vector_norm(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """L2 norm of one tensor as a 0-d device tensor, in ``dtype`` or at least float32."""
+    return torch.linalg.vector_norm(tensor, dtype=dtype or norm_dtype(tensor.dtype))
 
 
 def grad_norms(
@@ -55,9 +55,46 @@ def grad_norms(
     return out_idx, out
 
 
-def zero_counts(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Number of exactly-zero entries of each gradient (0-d tensors)."""
-    return [
-        torch.count_nonzero(g.coalesce().values() if g.is_sparse else g).neg_().add_(g.numel())
-        for g in grads
-    ]
+class GradNormPlan:
+    """Per-parameter gradient norms for a fixed set of parameters, grouped once.
+
+    Grouping by (device, dtype) costs more Python than the norms themselves on a
+    small model, and a parameter's device and dtype (its gradient's too) do not
+    change from step to step; so the groups and their keys are built once.
+
+    Example:
+        >>> params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(9))]
+        >>> for p in params:
+        ...     p.grad = torch.ones_like(p)
+        >>> plan = GradNormPlan([0, 1], params)
+        >>> idx, norms = plan.norms(params)
+        >>> idx, [float(n) for n in norms]
+        ([0, 1], [2.0, 3.0])
+    """
+
+    def __init__(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i in indices:
+            groups.setdefault((params[i].device, params[i].dtype), []).append(i)
+        self.groups = [(idx, norm_dtype(dtype)) for (_, dtype), idx in groups.items()]
+
+    def norms(self, params: Sequence[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
+        """(parameter indices, their gradient norms), skipping parameters without a gradient."""
+        out_idx: list[int] = []
+        out: list[torch.Tensor] = []
+        for idx, dtype in self.groups:
+            grads = [params[i].grad for i in idx]
+            if any(g is None or g.is_sparse for g in grads):
+                have = [(i, g) for i, g in zip(idx, grads, strict=True) if g is not None]
+                some_idx, some = grad_norms([i for i, _ in have], [g for _, g in have])
+                out_idx.extend(some_idx)
+                out.extend(some)
+            else:
+                out_idx.extend(idx)
+                out.extend(torch._foreach_norm(grads, 2, dtype=dtype))
+        return out_idx, out
+
+
+def nonzero_counts(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Number of nonzero entries of each gradient (0-d tensors; one kernel each)."""
+    return [torch.count_nonzero(g.coalesce().values() if g.is_sparse else g) for g in grads]

@@ -27,6 +27,9 @@ class UpdateProbe:
         tensors = [p.detach() for p in params]
         self._before[key] = (list(indices), tensors, torch._foreach_mul(tensors, 1.0))
 
+    def pending(self, key: int) -> bool:
+        return key in self._before
+
     def end(
         self, key: int, keep: set[int] | None = None
     ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
