@@ -5,8 +5,9 @@ times one block of steps of an uninstrumented twin and one of the instrumented
 model, after a warm-up, interleaved step by step so that drift in machine speed hits
 both alike. A method's overhead is the ratio of the median instrumented block time to
 the median twin block time; the spread is the interquartile range of the per-round
-ratios. A block is 50 steps, one flush period, so each block carries its share of
-gradwatch's flushes and detailed steps.
+ratios. A block is 100 steps, two flush periods and one detailed-step period, so
+each block carries its share of gradwatch's flushes and detailed steps. The
+warm-up is two blocks, which takes gradwatch past its dense first 100 steps.
 
     python bench/overhead.py --quick                 # the MLP only, under 3 minutes
     python bench/overhead.py --json results.json     # every workload
@@ -188,8 +189,29 @@ def measure(workload: Workload, methods: list[str], rounds: int, block: int, war
 # ----------------------------------------------------------------------------- memory
 
 
+def _reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: clear_refs 5 resets VmHWM); False if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_kib(window: bool) -> int:
+    if window:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # since process start
+
+
 def peak_rss_child(workload: str, method: str, steps: int) -> None:
-    """Run one method alone and print its peak RSS in KiB (called in a child process)."""
+    """Run one method alone and print its peak RSS in KiB while training (a child process).
+
+    The window opens after imports, model, data and instrument are set up, so the
+    import-time peak of torch does not hide what training adds.
+    """
     torch.manual_seed(0)
     wl = WORKLOADS[workload]
     base = wl.make_model()
@@ -197,9 +219,10 @@ def peak_rss_child(workload: str, method: str, steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         instrument = None if method == "none" else PEERS[method].make(Path(tmp) / method)
         trainer = Trainer(wl, base, instrument)
+        window = _reset_peak_rss()
         trainer.block(batches)
         trainer.close()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        print(_peak_rss_kib(window))
 
 
 def measure_memory(workload: str, methods: list[str], steps: int) -> dict:
@@ -254,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workloads = args.workloads or (["mlp"] if args.quick else list(WORKLOADS))
     methods = args.methods or list(PEERS)
-    rounds = args.rounds or (5 if args.quick else 12)
-    # 50 steps: one flush period and one detailed-step period, so every block pays
+    rounds = args.rounds or (3 if args.quick else 8)
+    # 100 steps: two flush periods and one detailed-step period, so every block pays
     # its share of both instead of the median hiding them.
-    block = args.block or 50
+    block = args.block or 100
     print(
         f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
     )
@@ -267,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = measure(WORKLOADS[name], wl_methods, rounds, block, warmup=2)
     if args.memory:
         results["_memory"] = {
-            "mlp": measure_memory("mlp", [m for m in methods if m.startswith("gradwatch")], 60)
+            "mlp": measure_memory("mlp", [m for m in methods if m.startswith("gradwatch")], 150)
         }
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

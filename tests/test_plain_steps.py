@@ -4,7 +4,7 @@ Plain steps are the cheap ones: gradient norms, the loss, and the non-finite che
 On the CPU the layer checks wait for the model's output and run only when it is
 not finite; on an accelerator every layer queues its own sum. Both must name the
 same module at the same step. Step numbers here are chosen off the default
-schedule (the first 10, every 10th to 99, every 50th after).
+schedule (the first 10, every 10th to 99, every 100th after).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def run(
         typer.Option(
             help="Run the detailed probes at most every N steps (densely during the first 100)."
         ),
-    ] = 50,
+    ] = 100,
     mode: Annotated[
         str, typer.Option(help="default, grads (cheapest) or full (every probe, every step).")
     ] = "default",

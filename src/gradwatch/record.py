@@ -10,7 +10,6 @@ steps cross to the host in one copy per device (:func:`to_host`), and
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,29 +50,25 @@ class StepBuffer:
         return self.stepped or self.backward_grads is not None
 
     def pack(self) -> PackedStep:
-        """Stack this step's scalars into one tensor per device (one kernel each, no sync)."""
+        """Close this step: stack its scalars into one small tensor (one kernel, no sync).
+
+        Stacking now rather than at flush frees the step's many 0-d tensors at once:
+        dozens of tiny allocations held across a flush window fragment the heap, and
+        the process's memory then grows by several megabytes per detailed step.
+        """
         if not self.stepped and self.backward_grads is not None:
             self.extend(*self.backward_grads)
-        if not self.values:
-            return PackedStep(self.step, self.detail, [], [], [], list(self.host_losses))
-        try:  # the common case: every scalar on one device; stack promotes dtypes
-            tensors = [torch.stack(self.values)]
-            keys, counts = self.keys, self.counts
-        except RuntimeError:  # several devices, or a logged loss that is not 0-d
-            keys, counts, tensors = self._pack_by_device()
-        return PackedStep(self.step, self.detail, keys, counts, tensors, list(self.host_losses))
+        scalars = [_stack_scalars(self.values)] if self.values else []
+        return PackedStep(
+            self.step, self.detail, self.keys, self.counts, scalars, list(self.host_losses)
+        )
 
-    def _pack_by_device(self) -> tuple[list[Key], list[int], list[torch.Tensor]]:
-        groups: dict[torch.device, list[int]] = defaultdict(list)
-        for i, value in enumerate(self.values):
-            groups[value.device].append(i)
-        order: list[int] = []
-        tensors: list[torch.Tensor] = []
-        for idx in groups.values():
-            order.extend(idx)
-            scalars = [self.values[i].reshape(()) for i in idx]
-            tensors.append(torch.stack(scalars))
-        return [self.keys[i] for i in order], [self.counts[i] for i in order], tensors
+
+def _stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
+    try:  # every scalar on one device (the usual case); stack promotes their dtypes
+        return torch.stack(values)
+    except RuntimeError:  # a model spread over devices: gather them (rare)
+        return torch.stack([t.reshape(()).to(values[0].device) for t in values])
 
 
 @dataclass
@@ -82,33 +77,34 @@ class PackedStep:
     detail: bool
     keys: list[Key]
     counts: list[int]
-    tensors: list[torch.Tensor]
+    # 1-D device tensors whose entries, in order, are the values of ``keys``: the
+    # step's stack, then any loss logged after the step closed.
+    scalars: list[torch.Tensor]
     host_losses: list[float]
     values: np.ndarray | None = None
 
 
 def to_host(steps: Sequence[PackedStep], extra: Sequence[torch.Tensor] = ()) -> list[np.ndarray]:
-    """Copy every packed step's values to the host: one concatenation and one copy per device.
+    """Copy every packed step's values to the host in one copy.
 
-    ``extra`` are further 1-D tensors (for example dead-unit fractions) that ride along;
-    their host copies are returned in order.
+    ``extra`` are further tensors (dead-unit peaks, spectral radii) that ride along in
+    the same copy; their host copies are returned in order, flattened.
     """
-    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-    filled: dict[torch.device, int] = defaultdict(int)
-    slots: list[tuple[torch.device, int, int]] = []
-    for tensor in [t for s in steps for t in s.tensors] + list(extra):
-        by_device[tensor.device].append(tensor)
-        slots.append((tensor.device, filled[tensor.device], tensor.numel()))
-        filled[tensor.device] += tensor.numel()
+    pieces = [t.reshape(-1) for s in steps for t in s.scalars] + [e.reshape(-1) for e in extra]
+    if not pieces:
+        for s in steps:
+            s.values = np.zeros(0)
+        return []
+    device = pieces[0].device
     # Host sync: the one place per flush where device statistics are read back.
-    # (cat promotes the scalars' mixed dtypes; float64 on the host.)
-    host = {
-        dev: torch.cat(chunks).cpu().numpy().astype(np.float64) for dev, chunks in by_device.items()
-    }
-    pieces = [host[dev][start : start + n] for dev, start, n in slots]
+    flat = torch.cat([p.to(device) for p in pieces]).cpu().numpy().astype(np.float64)
     cursor = 0
     for s in steps:
-        n = len(s.tensors)
-        s.values = np.concatenate(pieces[cursor : cursor + n]) if n else np.zeros(0)
+        n = sum(t.numel() for t in s.scalars)
+        s.values = flat[cursor : cursor + n]
         cursor += n
-    return pieces[cursor:]
+    out = []
+    for e in extra:
+        out.append(flat[cursor : cursor + e.numel()])
+        cursor += e.numel()
+    return out

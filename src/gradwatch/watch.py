@@ -145,6 +145,7 @@ class Watcher:
         self._step_depth: dict[int, int] = {}
         self._opt_params: dict[int, tuple[int, list[int]]] = {}
         self._grad_plans: dict[tuple[int, ...], GradNormPlan] = {}
+        self._grad_keys: dict[tuple[int, ...], list] = {}
         # Layers whose mean derivative follows from their output's moments (sigmoid, tanh).
         self._moment_derivatives: dict[int, Callable] = {}
         self._layouts: dict[tuple, Layout] = {}
@@ -346,7 +347,7 @@ class Watcher:
         if (
             leaves
             and all(t.device.type == "cpu" for t in leaves)
-            and all(math.isfinite(output_sum(t).item()) for t in leaves)
+            and all(_finite_on_host(t) for t in leaves)
         ):
             return
         for index, layer_output in outputs:
@@ -491,7 +492,12 @@ class Watcher:
         if plan is None:
             plan = self._grad_plans[key] = GradNormPlan(indices, self._params)
         order, norms = plan.norms(self._params)
-        keys = [("p", i, "gnorm") for i in order]
+        if order is plan.indices:  # every gradient present: the keys are the same as last step
+            keys = self._grad_keys.get(key)
+            if keys is None:
+                keys = self._grad_keys[key] = [("p", i, "gnorm") for i in order]
+        else:
+            keys = [("p", i, "gnorm") for i in order]
         if self.stop_on_nonfinite and norms:
             bad = ~torch.isfinite(torch.stack(norms))
             if bool(bad.any()):  # host sync, opt-in
@@ -592,7 +598,7 @@ class Watcher:
             if isinstance(loss, torch.Tensor):
                 target.keys.append(("s", 0, code))
                 target.counts.append(0)
-                target.tensors.append(loss.detach().reshape(1))
+                target.scalars.append(loss.detach().reshape(1))
             else:
                 target.host_losses.append(float(loss))
             return
@@ -630,10 +636,18 @@ class Watcher:
             callback(self)
         pending = {p.step for p in self._pending}
         dead_layers = [i for i in self._unit_peak if self._last_act_step.get(i) in pending]
-        alive = [(self._unit_peak[i] > 0).float().mean() for i in dead_layers]
+        # One flat tensor of every unit's peak rides along with the flush's single copy.
+        peaks = [self._unit_peak[i].reshape(-1) for i in dead_layers]
+        if peaks:  # (model-parallel layers: gather on one device, at flush only)
+            peaks = [p.to(device=peaks[0].device) for p in peaks]
         radius = self._recurrent_radii() if self._pending else {}
         extras = to_host(
-            self._pending, [torch.stack(t) for t in (alive, list(radius.values())) if t]
+            self._pending,
+            [
+                t
+                for t in (torch.cat(peaks) if peaks else None, _stack(radius.values()))
+                if t is not None
+            ],
         )
         if self._layouts_for != len(self._params):  # parameters joined: new layouts
             self._layouts.clear()
@@ -647,7 +661,11 @@ class Watcher:
         )
         once: list[tuple[int, int, str, float]] = []  # measured once per flush window
         if dead_layers:
-            for i, frac in zip(dead_layers, extras.pop(0).tolist(), strict=True):
+            host = extras.pop(0)
+            sizes = [p.numel() for p in peaks]
+            starts = np.cumsum([0, *sizes[:-1]])
+            alive = np.add.reduceat(host > 0, starts) / np.asarray(sizes)
+            for i, frac in zip(dead_layers, alive.tolist(), strict=True):
                 once.append((self._last_act_step[i], i, "dead_frac", 1.0 - frac))
         if radius:
             last = self._pending[-1].step
@@ -844,6 +862,23 @@ def _as_list(optimizer: Any) -> list:
     return items
 
 
+def _finite_on_host(tensor: torch.Tensor) -> bool:
+    """Whether a CPU tensor holds no inf or NaN: its sum, in float64 (no overflow) and read back.
+
+    A small output is summed by numpy, which costs less than a torch op between
+    two training kernels; a large one by torch, which uses every core.
+    """
+    t = tensor.detach()
+    if t.numel() <= 1 << 16 and t.dtype in (torch.float32, torch.float64, torch.float16):
+        return math.isfinite(t.numpy().sum(dtype=np.float64))
+    return math.isfinite(t.sum(dtype=torch.float64).item())
+
+
+def _stack(values: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    values = list(values)
+    return torch.stack(values) if values else None
+
+
 def _without(block: Block, dropped: np.ndarray | None, n: int) -> np.ndarray:
     """A block's flags with dropped ids cleared."""
     flags = block.values.astype(bool).reshape(n, len(block.ids))
@@ -897,7 +932,7 @@ def watch(
         flush_every: steps between host syncs / store writes.
         detail: when the detailed probes run: an int N (``Schedule(every=N)``: the
             first 10 steps, every 10th up to step 99, then every N-th) or a callable
-            step -> bool. Default: ``Schedule()``, N = 50.
+            step -> bool. Default: ``Schedule()``, N = 100.
         mode: "default"; "grads" (gradient norms only, the cheapest); "full" (every
             probe on every step).
         scaler: an AMP GradScaler, so that error norms and losses are reported unscaled.

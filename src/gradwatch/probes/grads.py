@@ -77,9 +77,19 @@ class GradNormPlan:
         for i in indices:
             groups.setdefault((params[i].device, params[i].dtype), []).append(i)
         self.groups = [(idx, norm_dtype(dtype)) for (_, dtype), idx in groups.items()]
+        self.indices = [i for idx, _ in self.groups for i in idx]
 
     def norms(self, params: Sequence[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
-        """(parameter indices, their gradient norms), skipping parameters without a gradient."""
+        """(parameter indices, their gradient norms), skipping parameters without a gradient.
+
+        When every parameter has a dense gradient (the usual step), the indices
+        returned are ``self.indices`` itself, so callers may cache what they derive.
+        """
+        if len(self.groups) == 1:
+            idx, dtype = self.groups[0]
+            grads = [params[i].grad for i in idx]
+            if not any(g is None or g.is_sparse for g in grads):
+                return self.indices, torch._foreach_norm(grads, 2, dtype=dtype)
         out_idx: list[int] = []
         out: list[torch.Tensor] = []
         for idx, dtype in self.groups:
