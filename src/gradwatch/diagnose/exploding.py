@@ -10,7 +10,10 @@ has to recur.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from . import causes
 from .depth import affected_layers, depth_episodes, episode_evidence
@@ -23,26 +26,42 @@ HARM_WITHIN = 10  # steps from a spike to the first inf/NaN for the spike to cou
 
 
 def spikes(view: RunView) -> dict[int, list[tuple[int, float]]]:
-    """Per layer column: (row, ratio to running median) of each spike."""
+    """Per layer column: (row, ratio to running median) of each spike.
+
+    The running median is over the last ``HISTORY`` finite, positive values and
+    needs three of them. Medians are taken only at candidate rows: a value 100x
+    the median is at least 100x the window's minimum, which numpy finds for every
+    row at once.
+    """
     grad = view.m("grad_norm")
+    n, width = grad.shape
     found: dict[int, list[tuple[int, float]]] = {}
-    for col in range(grad.shape[1]):
-        series = grad[:, col]
-        for row in range(WARMUP_STEPS, len(series)):
-            prev = series[max(0, row - HISTORY) : row]
-            prev = prev[np.isfinite(prev) & (prev > 0)]
-            if prev.size < 3:
-                continue
-            base = float(np.median(prev))
-            value = series[row]
-            if not np.isfinite(value):
-                # inf/NaN is the end of an explosion only after finite growth: straight from
-                # normal values it is a numerical singularity (log(0), 0/0), not a gain.
-                if col in found:
-                    found[col].append((row, float("inf")))
-                break
-            if value / base >= SPIKE:
-                found.setdefault(col, []).append((row, value / base))
+    if n <= WARMUP_STEPS:
+        return found
+    clean = np.where(np.isfinite(grad) & (grad > 0), grad, np.nan)
+    padded = np.vstack([np.full((HISTORY, width), np.nan), clean])
+    windows = sliding_window_view(padded, HISTORY, axis=0)[:n]  # row r: rows r-20 .. r-1
+    enough = (~np.isnan(windows)).sum(axis=-1) >= 3
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows give NaN
+        low = np.nanmin(windows, axis=-1)
+    rows = np.arange(WARMUP_STEPS, n)
+    for col in range(width):
+        series = grad[rows, col]
+        ok = enough[rows, col]
+        finite = np.isfinite(series)
+        broken = rows[ok & ~finite]
+        stop = int(broken[0]) if len(broken) else n
+        with np.errstate(invalid="ignore"):
+            candidate = ok & finite & (rows < stop) & (series >= SPIKE * low[rows, col])
+        for row in rows[candidate].tolist():
+            base = float(np.nanmedian(windows[row, col]))
+            if grad[row, col] / base >= SPIKE:
+                found.setdefault(col, []).append((row, grad[row, col] / base))
+        if stop < n and col in found:
+            # inf/NaN is the end of an explosion only after finite growth: straight from
+            # normal values it is a numerical singularity (log(0), 0/0), not a gain.
+            found[col].append((stop, float("inf")))
     return found
 
 
