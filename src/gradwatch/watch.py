@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 from . import __version__
 from .aggregate import Block, Layout, Tally, tally_steps
 from .layers import RECTIFYING, RECURRENT, Layer, discover_layers, named_roots
-from .probes.activations import output_sum, saturation, unit_max
+from .probes.activations import Saturation, output_sum, saturation, unit_max
 from .probes.grads import LOW_PRECISION, GradNormPlan, nonzero_counts, vector_norm
 from .probes.numerics import NonFiniteError
 from .probes.recurrent import recurrent_radius
@@ -144,8 +144,8 @@ class Watcher:
         self._closure: dict[int, bool] = {}
         self._step_depth: dict[int, int] = {}
         self._opt_params: dict[int, tuple[int, list[int]]] = {}
-        self._grad_plans: dict[tuple[int, ...], GradNormPlan] = {}
-        self._grad_keys: dict[tuple[int, ...], list] = {}
+        # per parameter set: its norm plan and the keys of its norms
+        self._grad_plans: dict[tuple[int, ...], tuple[GradNormPlan, list]] = {}
         # Layers whose mean derivative follows from their output's moments (sigmoid, tanh).
         self._moment_derivatives: dict[int, Callable] = {}
         self._layouts: dict[tuple, Layout] = {}
@@ -208,10 +208,10 @@ class Watcher:
                     self._param_numel.append(p.numel())
                 if self.mode == "grads":
                     continue
-                hook = self._make_layer_hook(layer)
                 sat = saturation(layer.module, layer.kind)
                 if sat is not None and sat.from_moments is not None:
                     self._moment_derivatives[layer.index] = sat.from_moments
+                hook = self._make_layer_hook(layer, sat)
                 if layer.checked_every_step or self.mode == "full":
                     handles.append(layer.module.register_forward_hook(hook))
                 else:
@@ -394,9 +394,8 @@ class Watcher:
             self._manual_snapshot = False
             self._add_updates(*self._updates.end(-1))
 
-    def _make_layer_hook(self, layer: Layer) -> Callable:
+    def _make_layer_hook(self, layer: Layer, sat: Saturation | None) -> Callable:
         index, root = layer.index, layer.root
-        sat = saturation(layer.module, layer.kind)
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -488,16 +487,13 @@ class Watcher:
 
     def _grad_entries(self, indices: Sequence[int]) -> tuple[list, list[torch.Tensor]]:
         key = tuple(indices)
-        plan = self._grad_plans.get(key)
-        if plan is None:
-            plan = self._grad_plans[key] = GradNormPlan(indices, self._params)
+        if key not in self._grad_plans:
+            plan = GradNormPlan(indices, self._params)
+            self._grad_plans[key] = (plan, [("p", i, "gnorm") for i in plan.indices])
+        plan, all_keys = self._grad_plans[key]
         order, norms = plan.norms(self._params)
-        if order is plan.indices:  # every gradient present: the keys are the same as last step
-            keys = self._grad_keys.get(key)
-            if keys is None:
-                keys = self._grad_keys[key] = [("p", i, "gnorm") for i in order]
-        else:
-            keys = [("p", i, "gnorm") for i in order]
+        # every gradient present (the usual step): the keys are the plan's own
+        keys = all_keys if order is plan.indices else [("p", i, "gnorm") for i in order]
         if self.stop_on_nonfinite and norms:
             bad = ~torch.isfinite(torch.stack(norms))
             if bool(bad.any()):  # host sync, opt-in
@@ -636,19 +632,10 @@ class Watcher:
             callback(self)
         pending = {p.step for p in self._pending}
         dead_layers = [i for i in self._unit_peak if self._last_act_step.get(i) in pending]
-        # One flat tensor of every unit's peak rides along with the flush's single copy.
-        peaks = [self._unit_peak[i].reshape(-1) for i in dead_layers]
-        if peaks:  # (model-parallel layers: gather on one device, at flush only)
-            peaks = [p.to(device=peaks[0].device) for p in peaks]
         radius = self._recurrent_radii() if self._pending else {}
-        extras = to_host(
-            self._pending,
-            [
-                t
-                for t in (torch.cat(peaks) if peaks else None, _stack(radius.values()))
-                if t is not None
-            ],
-        )
+        # Every unit's peak and each spectral radius ride along with the flush's one copy.
+        peaks = [self._unit_peak[i] for i in dead_layers]
+        extras = to_host(self._pending, peaks + list(radius.values()))
         if self._layouts_for != len(self._params):  # parameters joined: new layouts
             self._layouts.clear()
             self._layouts_for = len(self._params)
@@ -660,17 +647,12 @@ class Watcher:
             self._layouts,
         )
         once: list[tuple[int, int, str, float]] = []  # measured once per flush window
-        if dead_layers:
-            host = extras.pop(0)
-            sizes = [p.numel() for p in peaks]
-            starts = np.cumsum([0, *sizes[:-1]])
-            alive = np.add.reduceat(host > 0, starts) / np.asarray(sizes)
-            for i, frac in zip(dead_layers, alive.tolist(), strict=True):
-                once.append((self._last_act_step[i], i, "dead_frac", 1.0 - frac))
+        for i, peak in zip(dead_layers, extras[: len(peaks)], strict=True):
+            once.append((self._last_act_step[i], i, "dead_frac", 1.0 - float((peak > 0).mean())))
         if radius:
             last = self._pending[-1].step
-            for i, value in zip(radius, extras.pop(0).tolist(), strict=True):
-                once.append((last, i, "recurrent_radius", value))
+            for i, value in zip(radius, extras[len(peaks) :], strict=True):
+                once.append((last, i, "recurrent_radius", float(value[0])))
         self._unit_peak.clear()
         self._last_act_step.clear()
         partial = {p.step for p in self._pending if getattr(p, "partial", False)}
@@ -872,11 +854,6 @@ def _finite_on_host(tensor: torch.Tensor) -> bool:
     if t.numel() <= 1 << 16 and t.dtype in (torch.float32, torch.float64, torch.float16):
         return math.isfinite(t.numpy().sum(dtype=np.float64))
     return math.isfinite(t.sum(dtype=torch.float64).item())
-
-
-def _stack(values: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    values = list(values)
-    return torch.stack(values) if values else None
 
 
 def _without(block: Block, dropped: np.ndarray | None, n: int) -> np.ndarray:

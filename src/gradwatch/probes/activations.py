@@ -112,8 +112,3 @@ def output_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of all entries in at least float32: non-finite iff some entry is (or it overflows)."""
     t = tensor.detach()
     return t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
-
-
-def zero_count(tensor: torch.Tensor) -> torch.Tensor:
-    """Entries exactly zero (a 0-d tensor)."""
-    return torch.count_nonzero(tensor.detach()).neg_().add_(tensor.numel())
