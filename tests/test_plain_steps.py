@@ -19,6 +19,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.schedule import Schedule
+from gradwatch.watch import GradwatchWarning
 
 BAD_STEP = 23  # a plain step
 
@@ -34,7 +35,7 @@ def train_until_log_of_zero(run_dir, steps=26, defer=True):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     watcher = gradwatch.watch(model, opt, run=run_dir)
     if not defer:  # behave as on an accelerator: every layer sums as it goes
-        watcher._defers_checks = lambda args: False
+        watcher._defers_checks = lambda root, args: False
     with watcher as w:
         for step in range(steps):
             if step == BAD_STEP:
@@ -179,3 +180,112 @@ def test_a_step_that_raised_does_not_stop_the_recording(tmp_path):
             with contextlib.suppress(RuntimeError):
                 opt.step()
     assert len(gradwatch.open_run(tmp_path).steps) == 3
+
+
+class NonFiniteWhenArmed(nn.Module):
+    """-inf (log of zero) while armed, the identity otherwise."""
+
+    armed = False
+
+    def forward(self, x):
+        return torch.log(x * 0) if self.armed else x
+
+
+def train_arming_at_bad_step(model, opt, bad, steps=BAD_STEP + 1, batch=lambda: torch.randn(8, 4)):
+    for step in range(steps):
+        bad.armed = step == BAD_STEP
+        loss = model(batch()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_layers_are_not_hooked_on_plain_cpu_steps(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+    probe = model[2].register_forward_pre_hook(
+        lambda m, a: seen.append(len(model[0]._forward_hooks))
+    )
+    with gradwatch.watch(model, opt, run=tmp_path):
+        for _ in range(30):
+            loss = model(torch.randn(32, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    probe.remove()
+    assert seen == [1 if Schedule()(step) else 0 for step in range(30)]
+    assert len(model[0]._forward_hooks) == 0
+
+
+def test_the_replay_draws_the_same_dropout_masks(tmp_path):
+    # The layer after dropout turns non-finite; the replay must measure the very
+    # values the training forward computed, dropout mask and all.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 64), NonFiniteWhenArmed()
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sums = []
+    model[2].register_forward_hook(
+        lambda m, a, out: sums.append(float(out.detach().double().sum()))
+    )
+    with gradwatch.watch(model, opt, run=tmp_path):
+        train_arming_at_bad_step(model, opt, model[3])
+    assert len(sums) == BAD_STEP + 2  # every step, and the one replay
+    run = gradwatch.open_run(tmp_path)
+    rows = {r["step"]: r for r in run.step_table()}
+    assert rows[BAD_STEP]["nonfinite_module"] == "3"
+    got = run.matrix("act_mean")[list(run.steps).index(BAD_STEP), run.layers.index("2")] * 8 * 64
+    assert math.isclose(got, sums[BAD_STEP], rel_tol=1e-6)
+    assert sums[BAD_STEP + 1] == sums[BAD_STEP]
+
+
+def test_the_replay_leaves_batchnorm_statistics_as_training_left_them(tmp_path):
+    def train(watched: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), NonFiniteWhenArmed())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        context = gradwatch.watch(model, opt, run=tmp_path / str(watched)) if watched else None
+        with context or contextlib.nullcontext():
+            train_arming_at_bad_step(model, opt, model[2])
+        return model[1]
+
+    plain, watched = train(False), train(True)
+    torch.testing.assert_close(watched.running_mean, plain.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(watched.running_var, plain.running_var, rtol=0, atol=0)
+    assert int(watched.num_batches_tracked) == BAD_STEP + 1
+    rows = gradwatch.open_run(tmp_path / "True").step_table()
+    assert rows[BAD_STEP]["nonfinite_module"] == "2"
+
+
+def test_a_forward_that_cannot_run_twice_warns_and_keeps_training(tmp_path):
+    class Once(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.bad = nn.Linear(4, 1), NonFiniteWhenArmed()
+
+        def forward(self, batches):
+            return self.bad(self.linear(next(batches)))  # consumes its input
+
+    torch.manual_seed(0)
+    model = Once()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    replay_fails = pytest.warns(GradwatchWarning, match="could not replay")
+    with replay_fails, gradwatch.watch(model, opt, run=tmp_path):
+        batch = lambda: iter([torch.randn(8, 4)])  # noqa: E731
+        train_arming_at_bad_step(model, opt, model.bad, BAD_STEP + 3, batch)
+    rows = gradwatch.open_run(tmp_path).step_table()
+    assert len(rows) == BAD_STEP + 3 and rows[BAD_STEP]["nonfinite"] == 1
+
+
+def test_stop_on_nonfinite_names_the_module_on_a_plain_step(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), NonFiniteWhenArmed(), nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    stops = pytest.raises(gradwatch.NonFiniteError, match="'1'")
+    with stops as caught, gradwatch.watch(model, opt, run=tmp_path, stop_on_nonfinite=True):
+        train_arming_at_bad_step(model, opt, model[1])
+    assert caught.value.step == BAD_STEP
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

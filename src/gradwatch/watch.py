@@ -127,14 +127,20 @@ class Watcher:
         self._handles: list[Any] = []
         self._root_handles: dict[str, list[Any]] = {}
         self._root_names: dict[str, str] = {}
-        # Layers that cannot originate inf/NaN: hooked only while a detailed step runs.
-        self._detail_only: dict[str, list[tuple[nn.Module, Callable]]] = {}
-        self._detail_handles: list[Any] | None = None
-        # Layer outputs of the open forward passes whose check waits for the model's
-        # output (a stack: watched models may nest); _deferred_top is the innermost
-        # list, or None where layers are summed at once (detailed steps, accelerators).
-        self._deferred: list[tuple[nn.Module, list[tuple[int, Any]] | None]] = []
-        self._deferred_top: list[tuple[int, Any]] | None = None
+        # Layer hooks attached only while needed, by model: "check" hooks the layers
+        # that can originate inf/NaN (every step where checks are not deferred, see
+        # _defers_checks), "detail" the rest (detailed steps only).
+        self._optional_hooks: dict[str, dict[str, list[tuple[nn.Module, Callable]]]] = {
+            "check": {},
+            "detail": {},
+        }
+        self._attached: dict[str, dict[str, list[Any]]] = {}  # group -> model -> handles
+        # The open forward passes of watched models (a stack: they may nest), each with
+        # the CPU random state at its start when its check is deferred, else None.
+        self._forwards: list[tuple[nn.Module, torch.Tensor | None]] = []
+        self._ordered: set[int] = set()  # models whose layers' execution order is known
+        self._undeferrable: set[int] = set()  # models whose output is not a CPU float tensor
+        self._replaying = False
         self._dropped: set[int] = set()
         self.before_first_flush: Callable[[Watcher], None] | None = None
         self._root_of: dict[int, nn.Module] = {}
@@ -212,20 +218,28 @@ class Watcher:
                 if sat is not None and sat.from_moments is not None:
                     self._moment_derivatives[layer.index] = sat.from_moments
                 hook = self._make_layer_hook(layer, sat)
-                if layer.checked_every_step or self.mode == "full":
+                if self.mode == "full":
                     handles.append(layer.module.register_forward_hook(hook))
                 else:
-                    self._detail_only.setdefault(prefix, []).append((layer.module, hook))
-            handles.append(root.register_forward_pre_hook(self._root_pre_hook))
-            handles.append(root.register_forward_hook(self._root_post_hook, always_call=True))
+                    group = "check" if layer.checked_every_step else "detail"
+                    self._optional_hooks[group].setdefault(prefix, []).append((layer.module, hook))
+            handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+            handles.append(
+                root.register_forward_hook(self._root_post_hook, with_kwargs=True, always_call=True)
+            )
+        # A model's first forward runs hooked (_defers_checks); it may be under way
+        # already, when `gradwatch run` adds the model from a global pre-hook.
+        self._set_optional_hooks("check", True)
+        self._set_optional_hooks("detail", self._open.detail)
         self._layers_dirty = True
 
     def drop_model(self, prefix: str) -> None:
         """Stop watching a model (before anything of it was written): hooks off, layers out."""
         for handle in self._root_handles.pop(prefix, []):
             handle.remove()
-        self._detach_detail_hooks()
-        self._detail_only.pop(prefix, None)
+        self._detach_optional_hooks()
+        for hooks in self._optional_hooks.values():
+            hooks.pop(prefix, None)
         root = self._roots.pop(prefix)
         self._dropped.update(layer.index for layer in self.layers if layer.root is root)
 
@@ -244,8 +258,9 @@ class Watcher:
         self._roots[new] = root
         self._root_names[new] = self._root_names.pop(old, new)
         self._root_handles[new] = self._root_handles.pop(old, [])
-        if old in self._detail_only:
-            self._detail_only[new] = self._detail_only.pop(old)
+        for by_model in (*self._optional_hooks.values(), *self._attached.values()):
+            if old in by_model:
+                by_model[new] = by_model.pop(old)
 
         def rename(name: str) -> str:
             bare = name[len(old) + 1 :] if old else name
@@ -291,8 +306,8 @@ class Watcher:
     def _training(self, root: nn.Module) -> bool:
         return torch.is_grad_enabled() and root.training
 
-    def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
-        if self._closed or _compiling() or not self._training(module):
+    def _root_pre_hook(self, module: nn.Module, args: Any, kwargs: dict) -> None:
+        if self._closed or self._replaying or _compiling() or not self._training(module):
             return
         if self._open.backward_done and not self._optimizers:
             # A hand-written update happened since the last backward: that step is over.
@@ -302,58 +317,124 @@ class Watcher:
             self._safe_flush()
         if self._step_depth:  # a step that raised never ran its post-hook; forget it
             self._step_depth = {k: d for k, d in self._step_depth.items() if self._closure.get(k)}
-        self._attach_detail_hooks()
+        defer = self._defers_checks(module, args)
+        self._set_optional_hooks("check", not defer)
+        self._set_optional_hooks("detail", self._open.detail)
         self._open.forward_seen = True
-        self._deferred_top = [] if self._defers_checks(args) else None
-        self._deferred.append((module, self._deferred_top))
+        # 1 µs: the random state lets a replay draw the same dropout masks.
+        self._forwards.append((module, torch.get_rng_state() if defer else None))
 
-    def _root_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _root_post_hook(self, module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
         """Runs after every forward of a watched model, also one that raised (``always_call``)."""
-        if self._deferred and self._deferred[-1][0] is module:
-            outputs = self._deferred.pop()[1]
-            self._deferred_top = self._deferred[-1][1] if self._deferred else None
-            if outputs:
-                self._check_deferred(outputs, output)
+        if self._replaying:
+            return
+        if self._forwards and self._forwards[-1][0] is module:
+            rng_state = self._forwards.pop()[1]
+            if rng_state is None:
+                self._ordered.add(id(module))
+            elif (
+                output is not None and not self._closed and not self._finite_output(module, output)
+            ):
+                self._replay(module, args, kwargs, rng_state)
         if self._closed or self._optimizers or _compiling() or not self._training(module):
             return  # with an optimizer, its step marks the step; no need to find backward's end
         out = _first_tensor(output)
         if out is not None and out.requires_grad:
             out.register_hook(self._arm_backward_end)
 
-    def _defers_checks(self, args: Any) -> bool:
-        """Whether this forward's layer checks wait for the model's output (see below).
+    def _defers_checks(self, root: nn.Module, args: Any) -> bool:
+        """Whether this forward's non-finite check waits for the model's output.
 
-        On plain steps on the CPU, yes. On detailed steps every layer is measured
-        anyway, and on an accelerator reading the output back would stall it, so each
-        layer queues its own sum there instead.
+        On plain steps on the CPU, yes: a host read there waits for nothing, so one
+        check of the model's output replaces a hook and a sum per layer on every step,
+        and only when it fails is the forward replayed to find the first layer (see
+        :meth:`_replay`). Detailed steps measure every layer anyway; a model's first
+        forward runs hooked to learn its layers' order; and on an accelerator reading
+        the output back would stall it, so each layer queues its own sum there instead.
+        Mode "grads" hooks no layers, so it has nothing to defer.
         """
+        if (
+            self.mode == "grads"
+            or self._open.detail
+            or id(root) not in self._ordered
+            or id(root) in self._undeferrable
+            or any(state is None for _, state in self._forwards)  # inside a hooked forward
+        ):
+            return False
         first = _first_tensor(args)
-        return not self._open.detail and (first is None or first.is_cpu)
+        return first is None or first.is_cpu
 
-    def _check_deferred(self, outputs: list[tuple[int, Any]], output: Any) -> None:
-        """Sum the deferred CPU outputs only if the model's own output is not finite.
+    def _finite_output(self, root: nn.Module, output: Any) -> bool:
+        """Whether a model's output is finite, read on the host (it is on the CPU).
 
-        On the CPU a host read waits for nothing, so one check of the model's output
-        replaces a sum per module on every step; the modules are summed, in execution
-        order, only when that check fails. What a later module absorbs (a -inf that a
-        ReLU zeroes) goes unseen, and does no harm; an in-place op of a later module
-        is seen in the output it overwrote.
+        An output that is not a CPU float tensor cannot vouch for the layers: the
+        model's later forwards run hooked, and this one counts as failed.
         """
-        if self._closed:
-            return
         leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
         leaves = [t for t in leaves if t.is_floating_point()]
-        # Host read: the output is on the CPU, so there is no device to wait for.
-        if (
-            leaves
-            and all(t.device.type == "cpu" for t in leaves)
-            and all(_finite_on_host(t) for t in leaves)
-        ):
-            return
-        for index, layer_output in outputs:
-            out = _first_tensor(layer_output)
+        if not leaves or any(t.device.type != "cpu" for t in leaves):
+            self._undeferrable.add(id(root))
+            return False
+        return all(_finite_on_host(t) for t in leaves)  # host read; CPU, so no wait
+
+    def _replay(self, root: nn.Module, args: Any, kwargs: dict, rng_state: torch.Tensor) -> None:
+        """Run a forward again with every checked layer hooked, to find where inf/NaN began.
+
+        The replay has the same inputs, parameters and random state as the forward
+        whose output failed the check, so it computes the same values; it runs without
+        autograd and on copies of the model's buffers, so BatchNorm statistics stay
+        as training left them.
+        What a later layer absorbs (a -inf that a ReLU zeroes) goes unseen and does no
+        harm. A forward that modifies its inputs in place replays differently; one
+        that cannot run twice is reported in a warning, and the step keeps its
+        gradient checks.
+        """
+        hooks = [
+            layer.module.register_forward_hook(self._make_replay_hook(layer.index))
+            for layer in self.layers
+            if layer.root is root and layer.checked_every_step and layer.index not in self._dropped
+        ]
+        # The replay gets copies of the buffers: writing to the originals, even to
+        # restore them, would bump the version of tensors the backward pass needs.
+        buffers = [
+            (module, name, value)
+            for module in root.modules()
+            for name, value in module._buffers.items()
+            if value is not None
+        ]
+        self._replaying = True
+        try:
+            for module, name, value in buffers:
+                module._buffers[name] = value.detach().clone()
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(rng_state)
+                root(*args, **kwargs)
+        except NonFiniteError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported, never raised into training
+            warnings.warn(
+                f"gradwatch could not replay the forward pass of step {self._open.step} to find "
+                f"the first non-finite layer: {type(exc).__name__}: {exc}",
+                GradwatchWarning,
+                stacklevel=2,
+            )
+        finally:
+            self._replaying = False
+            for handle in hooks:
+                handle.remove()
+            for module, name, value in buffers:
+                module._buffers[name] = value
+
+    def _make_replay_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            out = _first_tensor(output)
             if out is not None:
+                if index not in self._exec_order:
+                    self._exec_order[index] = len(self._exec_order)
+                    self._layers_dirty = True
                 self._record_output(index, out)
+
+        return hook
 
     def _record_output(
         self, index: int, out: torch.Tensor, dtype: torch.dtype | None = None
@@ -399,13 +480,6 @@ class Watcher:
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            deferred = self._deferred_top
-            if deferred is not None:  # the common step on the CPU: keep a reference only
-                if index not in self._exec_order:
-                    self._exec_order[index] = len(self._exec_order)
-                    self._layers_dirty = True
-                deferred.append((index, output))
-                return
             if self._closed or _compiling() or not torch.is_grad_enabled() or not root.training:
                 return
             out = _first_tensor(output)
@@ -438,20 +512,24 @@ class Watcher:
 
         return hook
 
-    def _attach_detail_hooks(self) -> None:
-        """On a detailed step, hook the layers that are skipped on the others."""
-        if self._detail_handles is not None or not self._open.detail:
-            return
-        self._detail_handles = [
-            module.register_forward_hook(hook)
-            for pairs in self._detail_only.values()
-            for module, hook in pairs
-        ]
+    def _set_optional_hooks(self, group: str, on: bool) -> None:
+        """Attach (or remove) one group of the layer hooks that are not always on."""
+        attached = self._attached.setdefault(group, {})
+        if on:
+            for prefix, pairs in self._optional_hooks[group].items():
+                if prefix not in attached:
+                    attached[prefix] = [
+                        module.register_forward_hook(hook) for module, hook in pairs
+                    ]
+        else:
+            for handles in attached.values():
+                for handle in handles:
+                    handle.remove()
+            attached.clear()
 
-    def _detach_detail_hooks(self) -> None:
-        for handle in self._detail_handles or ():
-            handle.remove()
-        self._detail_handles = None
+    def _detach_optional_hooks(self) -> None:
+        for group in self._attached:
+            self._set_optional_hooks(group, False)
 
     def _make_error_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def on_grad(grad: torch.Tensor) -> None:
@@ -608,7 +686,7 @@ class Watcher:
         buf = self._open
         self._stepped.clear()
         self._updates.discard()
-        self._detach_detail_hooks()
+        self._set_optional_hooks("detail", False)
         if buf.has_grads or (partial and buf.forward_seen):
             packed = buf.pack()
             packed.partial = partial  # type: ignore[attr-defined]
@@ -794,7 +872,7 @@ class Watcher:
             self._safe_flush()
         finally:
             self._closed = True
-            self._detach_detail_hooks()
+            self._detach_optional_hooks()
             for handle in self._handles + [h for hs in self._root_handles.values() for h in hs]:
                 handle.remove()
             self._handles.clear()
