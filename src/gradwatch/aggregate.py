@@ -150,10 +150,11 @@ class Layout:
         self.err_fsum = np.array(
             [fsum_at.get(i, -1) for i in self.by_code["err"][1].tolist()], dtype=np.int64
         )
-        # Each "fsq" entry (the root of one call's sum of squares) pairs with the "fsum"
-        # entry of the same call: the last one before it for that layer.
+        # Each "fsq" entry (the norm of one call's deviations from its "shift") and
+        # each "shift" pair with the "fsum" entry of the same call: the last one before
+        # them for that layer.
         last_sum: dict[int, int] = {}
-        dev_cols, pair_cols, dev_layers = [], [], []
+        dev_cols, pair_cols, dev_layers, shift_cols, shifted_cols = [], [], [], [], []
         for i, (scope, idx, code) in enumerate(keys):
             if scope == "l" and code == "fsum":
                 last_sum[idx] = i
@@ -161,7 +162,11 @@ class Layout:
                 dev_cols.append(i)
                 pair_cols.append(last_sum[idx])
                 dev_layers.append(idx)
+            elif code == "shift" and idx in last_sum:
+                shift_cols.append(i)
+                shifted_cols.append(last_sum[idx])
         self.dev_cols, self.pair_cols = dev_cols, pair_cols
+        self.shift_cols, self.shifted_cols = shift_cols, shifted_cols
         self.dev_groups = Grouping(np.array(dev_layers, dtype=np.int64))
 
     def apply(
@@ -178,6 +183,14 @@ class Layout:
 
     def _apply(self, steps, detail, values, counts, host_losses) -> Tally:
         n = len(steps)
+        # Sums taken about a shift (one of the output's own entries) hold the
+        # deviations' sum, which the variance needs; everything else wants sum(y).
+        deviations = values[:, self.pair_cols]
+        if self.shift_cols:
+            values = values.copy()
+            values[:, self.shifted_cols] += (
+                counts[:, self.shifted_cols] * values[:, self.shift_cols]
+            )
         scale = values[:, self.scale_col] if self.scale_col is not None else np.ones(n)
         scale = np.where(scale > 0, scale, 1.0)
         tally = Tally(list(steps), list(detail), self._losses(values, scale, host_losses))
@@ -202,7 +215,7 @@ class Layout:
             frac, ok = _safe_div(nonzero, size)
             tally.layer.append(Block("zero_frac", ids, 1.0 - frac, ok))
         if len(self.dev_cols):
-            tally.layer.extend(self._moments(values, counts))
+            tally.layer.extend(self._moments(values, counts, deviations))
         ids, total, _ = code("err")
         if len(ids):
             norm = np.sqrt(total) / scale[:, None]
@@ -231,12 +244,21 @@ class Layout:
             out.append(sum(every) / len(every) if every else None)
         return out
 
-    def _moments(self, values: np.ndarray, counts: np.ndarray) -> list[Block]:
-        """act_std per layer, pooled over its calls; act_derivative where moments give it."""
+    def _moments(
+        self, values: np.ndarray, counts: np.ndarray, deviations: np.ndarray
+    ) -> list[Block]:
+        """act_std per layer, pooled over its calls; act_derivative where moments give it.
+
+        ``deviations`` are each call's sums of its entries' deviations from a shift,
+        whose squared norms are the "fsq" values: the shift keeps the float32 sums on
+        the device from cancelling (a variance of 1e-12 about a mean of 1 survives).
+        """
         size = counts[:, self.dev_cols]
         total = values[:, self.pair_cols]
         # each call's sum of squared deviations from its own mean
-        squares = values[:, self.dev_cols] ** 2 - total * total / np.where(size > 0, size, 1.0)
+        squares = values[:, self.dev_cols] ** 2 - deviations * deviations / np.where(
+            size > 0, size, 1.0
+        )
         g = self.dev_groups
         n_layer = g.sum(size)
         sum_layer = g.sum(total)

@@ -436,15 +436,29 @@ class Watcher:
 
         return hook
 
-    def _record_output(
-        self, index: int, out: torch.Tensor, dtype: torch.dtype | None = None
-    ) -> None:
-        """Queue a layer output's sum (its mean, and the non-finite check) on the open step."""
+    def _record_output(self, index: int, out: torch.Tensor, moments: bool = False) -> None:
+        """Queue a layer output's sum (its mean, and the non-finite check) on the open step.
+
+        With ``moments`` (a float32 or float64 ``out``), the sum and the norm are taken
+        about a shift, one of the output's own entries: float32 sums of deviations do
+        not cancel as raw moments would, and need no float64 copy of the output.
+        """
         buf = self._open
-        total = output_sum(out) if dtype is None else out.detach().sum(dtype=dtype)
-        buf.keys.append(("l", index, "fsum"))  # StepBuffer.add, inlined: runs for every layer call
-        buf.values.append(total)
-        buf.counts.append(out.numel())
+        n = out.numel()
+        if moments and n:
+            # A copy (a later in-place op may change out), and finite, so that an
+            # output of -inf still sums to -inf.
+            shift = out.reshape(-1)[0].nan_to_num(0.0, 0.0, 0.0)
+            deviation = out - shift
+            total = deviation.sum()
+            buf.add(("l", index, "fsum"), total, n)
+            buf.add(("l", index, "shift"), shift, n)
+            buf.add(("l", index, "fsq"), vector_norm(deviation), n)
+        else:
+            total = output_sum(out)
+            buf.keys.append(("l", index, "fsum"))  # StepBuffer.add, inlined: a hot path
+            buf.values.append(total)
+            buf.counts.append(n)
         if self.stop_on_nonfinite and not bool(torch.isfinite(total)):  # host sync, opt-in
             raise NonFiniteError(self.layers[index].name, buf.step, "forward output")
 
@@ -492,13 +506,10 @@ class Watcher:
             if not buf.detail:
                 self._record_output(index, out)
                 return
-            # Sum and sum of squares accumulated in float64: exact squares of float32
-            # values, so the variance (taken on the host) does not cancel away.
-            self._record_output(index, out, torch.float64)
             n = out.numel()
             y = out.detach()
-            buf.add(("l", index, "fsq"), vector_norm(y, dtype=torch.float64), n)
             y = y.float() if y.dtype in LOW_PRECISION else y
+            self._record_output(index, y, moments=True)
             if sat is not None:
                 buf.add(("l", index, "sat"), sat.saturated_count(y), n)
                 if sat.from_moments is None:  # else it follows from the moments at flush
