@@ -7,7 +7,9 @@ both alike. A method's overhead is the ratio of the median instrumented block ti
 the median twin block time; the spread is the interquartile range of the per-round
 ratios. A block is 100 steps, two flush periods and one detailed-step period, so
 each block carries its share of gradwatch's flushes and detailed steps. The
-warm-up is two blocks, which takes gradwatch past its dense first 100 steps.
+warm-up is two blocks (one with --quick; either takes gradwatch past its dense
+first 100 steps). A method too slow for that schedule (Cockpit) caps its block,
+rounds and warm-up; so do methods that cost the same on every step.
 
     python bench/overhead.py --quick                 # the MLP only, under 3 minutes
     python bench/overhead.py --json results.json     # every workload
@@ -119,7 +121,11 @@ class Trainer:
         start = time.perf_counter()
         if self.instrument is not None:
             self.instrument.before_forward()
-        loss = self.workload.loss(self.model(x), y)
+        output = self.model(x)
+        if self.instrument is not None:
+            loss = self.instrument.loss(output, y, self.workload.loss)
+        else:
+            loss = self.workload.loss(output, y)
         self.opt.zero_grad(set_to_none=True)
         if self.instrument is not None:
             self.instrument.backward(loss)
@@ -153,18 +159,20 @@ def measure(workload: Workload, methods: list[str], rounds: int, block: int, war
                 results[method] = {"ratio": None, "spread": None, "note": peer.missing_note()}
                 print(f"  {workload.name:12s} {method:24s} not installed", flush=True)
                 continue
+            steps, peer_rounds, peer_warmup = peer.schedule(block, rounds, warmup)
+            peer_batches = batches[:steps]
             twin, watched = Trainer(workload, base, None), Trainer(workload, base, instrument)
             try:
-                for _ in range(warmup):
-                    twin.block(batches)
-                    watched.block(batches)
+                for _ in range(peer_warmup):
+                    twin.block(peer_batches)
+                    watched.block(peer_batches)
                 ratios, twin_times, watched_times = [], [], []
-                for r in range(rounds):
+                for r in range(peer_rounds):
                     # A round is one block of each, interleaved step by step, so that a
                     # slow spell of the machine lands on both; which goes first alternates.
                     first, second = (twin, watched) if r % 2 == 0 else (watched, twin)
                     times = {id(twin): 0.0, id(watched): 0.0}
-                    for x, y in batches:
+                    for x, y in peer_batches:
                         times[id(first)] += first.step(x, y)
                         times[id(second)] += second.step(x, y)
                     twin_times.append(times[id(twin)])
@@ -177,7 +185,9 @@ def measure(workload: Workload, methods: list[str], rounds: int, block: int, war
             results[method] = {
                 "ratio": round(ratio, 4),
                 "spread": round(q[2] - q[0], 4),
-                "step_ms": round(1e3 * statistics.median(twin_times) / block, 3),
+                "step_ms": round(1e3 * statistics.median(twin_times) / steps, 3),
+                "block": steps,
+                "rounds": peer_rounds,
             }
             print(
                 f"  {workload.name:12s} {method:24s} {ratio:6.3f}x  (IQR {q[2] - q[0]:.3f})",
@@ -278,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     workloads = args.workloads or (["mlp"] if args.quick else list(WORKLOADS))
     methods = args.methods or list(PEERS)
     rounds = args.rounds or (3 if args.quick else 8)
+    # One warm-up block already takes gradwatch past its dense first 100 steps.
+    warmup = 1 if args.quick else 2
     # 100 steps: two flush periods and one detailed-step period, so every block pays
     # its share of both instead of the median hiding them.
     block = args.block or 100
@@ -287,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     for name in workloads:
         wl_methods = [m for m in methods if PEERS[m].applies(name)]
-        results[name] = measure(WORKLOADS[name], wl_methods, rounds, block, warmup=2)
+        results[name] = measure(WORKLOADS[name], wl_methods, rounds, block, warmup)
     if args.memory:
         results["_memory"] = {
             "mlp": measure_memory("mlp", [m for m in methods if m.startswith("gradwatch")], 150)

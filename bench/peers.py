@@ -21,6 +21,12 @@ class Instrument:
 
     def attach(self, model: nn.Module, opt: torch.optim.Optimizer) -> None: ...
     def before_forward(self) -> None: ...
+    def loss(
+        self, output: torch.Tensor, y: torch.Tensor, loss_fn: Callable[..., torch.Tensor]
+    ) -> torch.Tensor:
+        # A hook here because some tools (Cockpit) need the outputs and labels themselves.
+        return loss_fn(output, y)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -144,6 +150,38 @@ class WandbWatch(Instrument):
         self.run.finish()
 
 
+class CockpitEconomy(Instrument):
+    """Cockpit's "economy" quantities on every step, the way its docs set it up.
+
+    BackPACK hooks the (copied) model and a mean loss module; Cockpit also takes the
+    per-sample losses. Every workload's loss is cross-entropy, so the modules are too.
+    """
+
+    def attach(self, model, opt):
+        import backpack
+        from cockpit import Cockpit
+        from cockpit.utils.configuration import configuration
+
+        backpack.extend(model)
+        self.mean_loss = backpack.extend(nn.CrossEntropyLoss())
+        self.individual_loss = nn.CrossEntropyLoss(reduction="none")
+        self.cockpit = Cockpit(model.parameters(), quantities=configuration("economy"))
+        self.opt, self.step = opt, 0
+
+    def loss(self, output, y, loss_fn):
+        self.info = {
+            "batch_size": len(y),
+            "individual_losses": self.individual_loss(output, y).detach(),
+            "optimizer": self.opt,
+        }
+        return self.mean_loss(output, y)
+
+    def backward(self, loss):
+        with self.cockpit(self.step, info={**self.info, "loss": loss}):
+            loss.backward(create_graph=self.cockpit.create_graph(self.step))
+        self.step += 1
+
+
 def _has(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -160,6 +198,11 @@ class Peer:
     workloads: tuple[str, ...] | None = None
     comparable: bool = True  # records per-layer gradient information comparable to gradwatch's
     notes: list[str] = field(default_factory=list)
+    # Caps on the harness's steps per block, timed rounds and warm-up blocks, for a
+    # method too slow to run the full schedule in a sitting.
+    block: int | None = None
+    rounds: int | None = None
+    warmup: int | None = None
 
     def available(self) -> bool:
         return self.requires is None or _has(self.requires)
@@ -173,6 +216,14 @@ class Peer:
 
     def applies(self, workload: str) -> bool:
         return self.workloads is None or workload in self.workloads
+
+    def schedule(self, block: int, rounds: int, warmup: int) -> tuple[int, int, int]:
+        """The harness's block, rounds and warm-up, each capped by this method's own."""
+
+        def cap(n: int, mine: int | None) -> int:
+            return n if mine is None else min(n, mine)
+
+        return cap(block, self.block), cap(rounds, self.rounds), cap(warmup, self.warmup)
 
 
 PEERS: dict[str, Peer] = {
@@ -189,7 +240,19 @@ PEERS: dict[str, Peer] = {
     "clip_grad_norm": Peer(lambda run: ClipGradNorm()),
     "detect_anomaly": Peer(lambda run: DetectAnomaly(), comparable=False),
     "lightning_grad_norm": Peer(lambda run: LightningGradNorm(), requires="lightning"),
-    "tensorboard_histograms": Peer(TensorBoardHistograms, requires="tensorboard"),
+    # The next two cost the same on every step, so shorter blocks lose nothing.
+    "tensorboard_histograms": Peer(TensorBoardHistograms, requires="tensorboard", block=25),
     "wandb_watch_100": Peer(lambda run: WandbWatch(run, 100), requires="wandb"),
-    "wandb_watch_1": Peer(lambda run: WandbWatch(run, 1), requires="wandb"),
+    "wandb_watch_1": Peer(lambda run: WandbWatch(run, 1), requires="wandb", block=25),
+    # BackPACK has no per-sample gradients for attention, nor for LSTMs of more than one
+    # layer; with BatchNorm they run but mix samples (BackPACK warns). A step takes
+    # about 5 s on the MLP, so 3-step blocks keep --quick within minutes.
+    "cockpit_economy": Peer(
+        lambda run: CockpitEconomy(),
+        requires="cockpit",
+        workloads=("mlp", "cnn_bn"),
+        block=3,
+        rounds=3,
+        warmup=1,
+    ),
 }
