@@ -11,7 +11,7 @@ warm-up is two blocks (one with --quick; either takes gradwatch past its dense
 first 100 steps). A method too slow for that schedule (Cockpit) caps its block,
 rounds and warm-up; so do methods that cost the same on every step.
 
-    python bench/overhead.py --quick                 # the MLP only, under 3 minutes
+    python bench/overhead.py --quick                 # the MLP only, no Cockpit, under 3 minutes
     python bench/overhead.py --json results.json     # every workload
     python bench/overhead.py --memory                # peak RSS per method, in child processes
 """
@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="MLP only, fewer rounds")
+    parser.add_argument(
+        "--quick", action="store_true", help="MLP only, fewer rounds, no Cockpit (unless named)"
+    )
     parser.add_argument(
         "--json", type=Path, help="write {workload: {method: {ratio, spread}}} here"
     )
@@ -286,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         peak_rss_child(args.child_memory[0], args.child_memory[1], int(args.child_memory[2]))
         return 0
     workloads = args.workloads or (["mlp"] if args.quick else list(WORKLOADS))
-    methods = args.methods or list(PEERS)
-    rounds = args.rounds or (3 if args.quick else 8)
+    methods = args.methods or [m for m in PEERS if not args.quick or PEERS[m].quick]
+    rounds = args.rounds or (2 if args.quick else 8)
     # One warm-up block already takes gradwatch past its dense first 100 steps.
     warmup = 1 if args.quick else 2
     # 100 steps: two flush periods and one detailed-step period, so every block pays

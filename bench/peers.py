@@ -203,6 +203,7 @@ class Peer:
     block: int | None = None
     rounds: int | None = None
     warmup: int | None = None
+    quick: bool = True  # part of --quick's default methods
 
     def available(self) -> bool:
         return self.requires is None or _has(self.requires)
@@ -254,5 +255,6 @@ PEERS: dict[str, Peer] = {
         block=3,
         rounds=3,
         warmup=1,
+        quick=False,
     ),
 }
