@@ -429,12 +429,16 @@ class Watcher:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             out = _first_tensor(output)
             if out is not None:
-                if index not in self._exec_order:
-                    self._exec_order[index] = len(self._exec_order)
-                    self._layers_dirty = True
+                self._note_order(index)
                 self._record_output(index, out)
 
         return hook
+
+    def _note_order(self, index: int) -> None:
+        """Give a layer its execution rank the first time its output is seen."""
+        if index not in self._exec_order:
+            self._exec_order[index] = len(self._exec_order)
+            self._layers_dirty = True
 
     def _record_output(self, index: int, out: torch.Tensor, moments: bool = False) -> None:
         """Queue a layer output's sum (its mean, and the non-finite check) on the open step.
@@ -499,9 +503,7 @@ class Watcher:
             out = _first_tensor(output)
             if out is None:
                 return
-            if index not in self._exec_order:
-                self._exec_order[index] = len(self._exec_order)
-                self._layers_dirty = True
+            self._note_order(index)
             buf = self._open
             if not buf.detail:
                 self._record_output(index, out)
