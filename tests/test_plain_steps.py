@@ -80,21 +80,27 @@ def test_nonfinite_is_zero_where_measured_and_nan_where_not(tmp_path):
     assert nonfinite[row(20), sigmoid] == 0  # a detailed step measures it
 
 
-def test_finite_preserving_layers_are_hooked_on_detailed_steps_only(tmp_path):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+def forward_hooks_per_step(model, layer, run_dir, steps=30):
+    """How many forward hooks model[layer] has when model[2] runs, on each step of a watched run."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     seen = []
     probe = model[2].register_forward_pre_hook(
-        lambda m, a: seen.append(len(model[1]._forward_hooks))
+        lambda m, a: seen.append(len(model[layer]._forward_hooks))
     )
-    with gradwatch.watch(model, opt, run=tmp_path):
-        for _ in range(30):
+    with gradwatch.watch(model, opt, run=run_dir):
+        for _ in range(steps):
             loss = model(torch.randn(32, 8)).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
     probe.remove()
+    return seen
+
+
+def test_finite_preserving_layers_are_hooked_on_detailed_steps_only(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    seen = forward_hooks_per_step(model, 1, tmp_path)
     assert seen == [1 if Schedule()(step) else 0 for step in range(30)]
     assert len(model[1]._forward_hooks) == 0
     run = gradwatch.open_run(tmp_path)
@@ -203,18 +209,7 @@ def train_arming_at_bad_step(model, opt, bad, steps=BAD_STEP + 1, batch=lambda: 
 def test_layers_are_not_hooked_on_plain_cpu_steps(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    seen = []
-    probe = model[2].register_forward_pre_hook(
-        lambda m, a: seen.append(len(model[0]._forward_hooks))
-    )
-    with gradwatch.watch(model, opt, run=tmp_path):
-        for _ in range(30):
-            loss = model(torch.randn(32, 8)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    probe.remove()
+    seen = forward_hooks_per_step(model, 0, tmp_path)
     assert seen == [1 if Schedule()(step) else 0 for step in range(30)]
     assert len(model[0]._forward_hooks) == 0
 
