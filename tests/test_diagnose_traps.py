@@ -224,3 +224,47 @@ def test_the_report_is_json_ready(tmp_path):
     }
     assert {"id", "text", "code"} <= set(finding["remedies"][0])
     assert data["run"]["steps"] == 40
+
+
+class ScaledExp(nn.Module):
+    """exp(scale * x): moderate outputs until the scale jumps, then inf in every precision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.scale * x)
+
+
+@pytest.mark.parametrize(
+    "dtype, cause",
+    [
+        (None, "float32_overflow"),
+        (torch.bfloat16, "float32_overflow"),
+        (torch.float16, "low_precision_overflow"),
+    ],
+)
+def test_an_overflow_from_moderate_values_is_blamed_on_the_precision_the_run_used(
+    tmp_path, dtype, cause
+):
+    torch.manual_seed(0)
+    exp = ScaledExp()
+    model = nn.Sequential(nn.Linear(8, 16), exp, nn.Linear(16, 1))
+    with torch.no_grad():  # the scale the layer works at before the jump: far below any overflow
+        assert torch.exp(model[0](torch.randn(1000, 8))).max() < 1e3
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, opt, run=tmp_path / "run") as w:
+        for step in range(20):
+            exp.scale = 300.0 if step == 12 else 1.0  # exp(300 x) passes 3.4e38 from x = 0.3
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = model(torch.randn(32, 8)).float().pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    finding = kinds(gradwatch.diagnose(tmp_path / "run"))["nonfinite"]
+    assert finding.first_step == 12 and finding.layers == ["1"], finding
+    assert finding.causes[0].id == cause, [c.text for c in finding.causes]
+    expected = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    assert expected in finding.causes[0].text

@@ -113,6 +113,8 @@ class Watcher:
                 "mode": mode,
                 "started": datetime.now().isoformat(timespec="seconds"),
                 "status": "running",
+                # "float16" or "bfloat16" once a watched output is (see diagnose.causes).
+                "low_precision": "0",
                 **(meta or {}),
             }
         )
@@ -141,6 +143,7 @@ class Watcher:
         self._ordered: set[int] = set()  # models whose layers' execution order is known
         self._undeferrable: set[int] = set()  # models whose output is not a CPU float tensor
         self._replaying = False
+        self._low_precision: set[torch.dtype] = set()
         self._dropped: set[int] = set()
         self.before_first_flush: Callable[[Watcher], None] | None = None
         self._root_of: dict[int, nn.Module] = {}
@@ -375,6 +378,9 @@ class Watcher:
         if not leaves or any(t.device.type != "cpu" for t in leaves):
             self._undeferrable.add(id(root))
             return False
+        for t in leaves:
+            if t.dtype in LOW_PRECISION and t.dtype not in self._low_precision:
+                self._note_low_precision(t.dtype)
         return all(_finite_on_host(t) for t in leaves)  # host read; CPU, so no wait
 
     def _replay(self, root: nn.Module, args: Any, kwargs: dict, rng_state: torch.Tensor) -> None:
@@ -459,12 +465,21 @@ class Watcher:
             buf.add(("l", index, "shift"), shift, n)
             buf.add(("l", index, "fsq"), vector_norm(deviation), n)
         else:
+            if out.dtype in LOW_PRECISION and out.dtype not in self._low_precision:
+                self._note_low_precision(out.dtype)
             total = output_sum(out)
             buf.keys.append(("l", index, "fsum"))  # StepBuffer.add, inlined: a hot path
             buf.values.append(total)
             buf.counts.append(n)
         if self.stop_on_nonfinite and not bool(torch.isfinite(total)):  # host sync, opt-in
             raise NonFiniteError(self.layers[index].name, buf.step, "forward output")
+
+    def _note_low_precision(self, dtype: torch.dtype) -> None:
+        """Mark the run as computing in float16 or bfloat16: an overflow means more there."""
+        self._low_precision.add(dtype)
+        if self._writer is not None:
+            name = "float16" if torch.float16 in self._low_precision else "bfloat16"
+            self._writer.set_meta({"low_precision": name})
 
     def _arm_backward_end(self, grad: torch.Tensor) -> None:
         if not self._callback_queued:
@@ -510,7 +525,10 @@ class Watcher:
                 return
             n = out.numel()
             y = out.detach()
-            y = y.float() if y.dtype in LOW_PRECISION else y
+            if y.dtype in LOW_PRECISION:
+                if y.dtype not in self._low_precision:
+                    self._note_low_precision(y.dtype)
+                y = y.float()
             self._record_output(index, y, moments=True)
             if sat is not None:
                 buf.add(("l", index, "sat"), sat.saturated_count(y), n)

@@ -28,6 +28,7 @@ REMEDIES_FOR: dict[str, list[str]] = {
     "learning_rate_too_low": ["he_init", "relu"],
     "log_of_zero": ["log_softmax"],
     "low_precision_overflow": ["loss_scaling", "clip_grad_norm"],
+    "float32_overflow": ["stable_exp", "lower_lr", "clip_grad_norm"],
     "dead_relu": ["lower_lr", "leaky_relu", "he_init"],
 }
 
@@ -197,18 +198,38 @@ def log_of_zero(view: RunView, row: int, col: int) -> Cause | None:
 
 
 def low_precision_overflow(view: RunView, row: int, col: int) -> Cause | None:
-    """inf where the same layer's values were moderate the step before: an fp16 overflow."""
+    """inf where the same layer's values were moderate before: an overflow of float16 or of an exp.
+
+    The run records whether it computed in float16 (meta ``low_precision``). Without
+    float16 (float32 or bfloat16, which share a range up to 3.4e38) the cause is an
+    exp, a power or a division that took moderate values past that range in one step.
+    Runs recorded before the flag existed get both explanations.
+    """
     mean = view.m("act_mean")[row, col]
     if not np.isinf(mean) or row == 0:
         return None
     earlier = np.abs(np.concatenate([view.m(m)[:row, col] for m in ("act_mean", "act_std")]))
     earlier = earlier[np.isfinite(earlier)]
-    if earlier.size and earlier.max() < 1e30:
-        peak = float(earlier.max())
+    if not earlier.size or earlier.max() >= 1e30:
+        return None
+    peak = float(earlier.max())
+    name = view.info[col].name
+    evidence = {"largest_earlier_value": peak}
+    precision = view.run.meta.get("low_precision")
+    if precision in ("0", "bfloat16"):
+        dtype = "float32" if precision == "0" else "bfloat16 (float32's range)"
         text = (
-            f"{view.info[col].name} overflowed to inf from values of scale {peak:.3g}, far inside float32's "
-            "range: a float16 overflow (its largest value is 65504), or an exp or division of moderate values"
+            f"{name} overflowed to inf from values of scale {peak:.3g} in a run computed in {dtype}: "
+            "an exp, a power or a division by a small value took moderate values past 3.4e38"
         )
-        score = 3.0 if 1e3 < peak < 1e5 else 1.0  # near float16's ceiling
-        return Cause("low_precision_overflow", text, score, {"largest_earlier_value": peak})
-    return None
+        # Moderate values to inf in one step: no update of a few percent does that.
+        return Cause("float32_overflow", text, 3.0, {**evidence, "precision": dtype})
+    reason = (
+        "the run computes in float16, whose largest value is 65504"
+        if precision == "float16"
+        else "a float16 overflow (its largest value is 65504), or an exp or division of moderate values"
+    )
+    text = f"{name} overflowed to inf from values of scale {peak:.3g}, far inside float32's range: {reason}"
+    # Unknown precision: values near float16's ceiling point to it.
+    score = 3.0 if precision == "float16" or 1e3 < peak < 1e5 else 1.0
+    return Cause("low_precision_overflow", text, score, evidence)

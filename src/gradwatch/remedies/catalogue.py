@@ -111,6 +111,13 @@ REMEDIES: dict[str, Remedy] = {
             "logp = torch.log_softmax(logits, dim=-1)  # or F.cross_entropy(logits, target)",
         ),
         _r(
+            "stable_exp",
+            "Compute exponentials in a stable form: softmax, logsumexp and softplus subtract the "
+            "maximum first, while exp(x) overflows float32 from x = 89.",
+            "p = torch.softmax(x, dim=-1)  # not x.exp() / x.exp().sum(-1, keepdim=True)\n"
+            "lse = torch.logsumexp(x, dim=-1)",
+        ),
+        _r(
             "loss_scaling",
             "Train in bf16 (float32's range), or scale the loss with a GradScaler so fp16 values "
             "neither overflow nor underflow.",
