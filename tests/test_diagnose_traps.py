@@ -268,3 +268,24 @@ def test_an_overflow_from_moderate_values_is_blamed_on_the_precision_the_run_use
     assert finding.causes[0].id == cause, [c.text for c in finding.causes]
     expected = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     assert expected in finding.causes[0].text
+
+
+def test_unsaturated_sigmoids_are_blamed_for_their_derivative_bound_not_for_saturating(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[m for _ in range(12) for m in (nn.Linear(16, 16), nn.Sigmoid())], nn.Linear(16, 1)
+    )
+    with torch.no_grad():  # plain torch: sigmoid' < 1% of its maximum on almost no unit
+        h, saturated = torch.randn(256, 16), []
+        for layer in model:
+            h = layer(h)
+            if isinstance(layer, nn.Sigmoid):
+                saturated.append((4 * h * (1 - h) < 0.01).float().mean().item())
+    assert max(saturated) < 0.01
+    report = train(tmp_path, model, lambda: (torch.randn(32, 16), torch.randn(32, 1)), steps=40)
+    cause = next(
+        c for c in kinds(report)["vanishing_gradient"].causes if c.id == "saturating_activation"
+    )
+    assert "almost none of their units saturated" in cause.text and "0.25^12" in cause.text, (
+        cause.text
+    )

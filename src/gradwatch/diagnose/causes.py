@@ -68,11 +68,19 @@ def saturating_activations(view: RunView, model: str) -> Cause | None:
         "kinds": kinds,
         "median_saturated_frac": round(frac, 4),
     }
-    text = f"{len(cols)} saturating activation layers ({', '.join(kinds)}); median saturated fraction {frac:.0%}"
+    saturated = (
+        f"a median {frac:.0%} of their units saturated"
+        if frac >= 0.01
+        else "almost none of their units saturated"
+    )
+    text = f"{len(cols)} saturating activation layers ({', '.join(kinds)}); {saturated}"
     if n_sigmoid:
         bound = 0.25**n_sigmoid
         evidence["sigmoid_derivative_bound"] = bound
-        text += f"; sigmoid' <= 0.25, so {n_sigmoid} sigmoid layers scale the error by at most 0.25^{n_sigmoid} = {bound:.1e}"
+        text += (
+            f"; {'yet ' if frac < 0.01 else ''}sigmoid' <= 0.25 even unsaturated, so {n_sigmoid} sigmoid "
+            f"layers scale the error by at most 0.25^{n_sigmoid} = {bound:.1e}"
+        )
     return Cause("saturating_activation", text, 2.0 + 3 * frac + 0.1 * n_sigmoid, evidence)
 
 

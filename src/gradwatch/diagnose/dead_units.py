@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import causes
-from .findings import Cause, Finding
+from .findings import Cause, Finding, layer_names
 from .profile import RunView
 
 LEVEL = 0.5  # half the layer dead: SageMaker Debugger's layer threshold
@@ -43,7 +43,7 @@ def check(view: RunView) -> list[Finding]:
         ]
     )
     summary = (
-        f"{hits[0][0]:.0%} of the units of {layers[0]} output zero for every sample since step {hits[0][2]}: "
+        f"{hits[0][0]:.0%} of the units of {layer_names(layers[:1])} output zero for every sample since step {hits[0][2]}: "
         "they are dead and receive no gradient."
     )
     evidence = {"dead_frac": {view.names[c]: round(f, 4) for f, c, _, _ in hits}}

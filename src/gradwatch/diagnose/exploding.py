@@ -17,7 +17,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from . import causes
 from .depth import affected_layers, depth_episodes, episode_evidence
-from .findings import Finding
+from .findings import Finding, layer_names
 from .profile import WARMUP_STEPS, RunView
 
 SPIKE = 100.0  # two orders of magnitude above the recent median
@@ -97,7 +97,7 @@ def _over_time(view: RunView) -> Finding | None:
         else f"to {first_ratio:.2g}x its running median"
     )
     summary = (
-        f"The gradient norm of {view.names[first_col]} jumps {first_text} at step {int(steps[first_row])}"
+        f"The gradient norm of {layer_names([view.names[first_col]])} jumps {first_text} at step {int(steps[first_row])}"
         + (
             f"; the run turns non-finite at step {int(steps[bad])}."
             if harmed

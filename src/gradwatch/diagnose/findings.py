@@ -22,6 +22,21 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+def layer_names(names: list[str], shown: int = 4, start: bool = False) -> str:
+    """Layers named in a sentence: Sequential's names are bare numbers, so say "layer".
+
+    Example:
+        >>> layer_names(["0"]), layer_names(["0", "2"], start=True), layer_names(list("abcdefg"))
+        ('layer 0', 'Layers 0 and 2', 'layers a, b, c, d and 3 more')
+    """
+    word = "Layer" if start else "layer"
+    if len(names) == 1:
+        return f"{word} {names[0]}"
+    if len(names) <= shown:
+        return f"{word}s {', '.join(names[:-1])} and {names[-1]}"
+    return f"{word}s {', '.join(names[:shown])} and {len(names) - shown} more"
+
+
 @dataclass(frozen=True)
 class Remedy:
     """A fix: a stable id, one sentence, and a snippet using torch's own API."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import causes
-from .findings import Finding
+from .findings import Finding, layer_names
 from .profile import RunView, nanmedian
 
 LEVEL = 0.5  # half the units saturated, as SageMaker Debugger's rule flags a layer
@@ -49,7 +49,7 @@ def check(view: RunView) -> list[Finding]:
     )
     top = hits[0]
     summary = (
-        f"{len(hits)} activation layer(s) are saturated: in {layers[0]}, {top[0]:.0%} of the units have a "
+        f"{len(hits)} activation layer(s) are saturated: in {layer_names(layers[:1])}, {top[0]:.0%} of the units have a "
         f"derivative below 1% of its maximum and the mean derivative is {top[4]:.1%} of it, so the layer "
         "passes almost no gradient."
     )

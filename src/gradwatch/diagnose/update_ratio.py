@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .findings import Cause, Finding
+from .findings import Cause, Finding, layer_names
 from .profile import RunView, nanmedian
 
 FAST = 0.1
@@ -48,11 +48,15 @@ def check(view: RunView) -> list[Finding]:
         layers = [view.names[c] for _, c in fast]
         cause = Cause(
             "learning_rate_too_high",
-            f"each step changes {layers[0]} by {fast[0][0]:.1e} of its norm (about 1e-3 is healthy)",
+            f"each step changes {layer_names(layers[:1])} by {fast[0][0]:.1e} of its norm (about 1e-3 is healthy)",
             1.0 + float(np.log10(fast[0][0] / 1e-3)),
             {"median_update_ratio": fast[0][0]},
         )
-        summary = f"{layers[0]} learns too fast for its weight scale: median update/weight ratio {fast[0][0]:.1e}."
+        summary = (
+            f"{layer_names(layers, start=True)} {'learns' if len(layers) == 1 else 'learn'} too fast for "
+            f"{'its' if len(layers) == 1 else 'their'} weight scale: median update/weight ratio "
+            f"{fast[0][0]:.1e} at the fastest."
+        )
         evidence = {
             "median_update_ratio": {view.names[c]: m for m, c in fast},
             "typical_layer": typical,
@@ -62,15 +66,26 @@ def check(view: RunView) -> list[Finding]:
         )
     if slow:
         layers = [view.names[c] for _, c in slow]
+        slowest = slow[0][0]
+        moves = (
+            "does not change at all: each update is below float32's resolution of its weights"
+            if slowest == 0
+            else f"moves {slowest:.1e} of its norm per step"
+        )
+        typical_text = (
+            f"the typical layer moves {typical:.1e}, also far below the healthy 1e-3"
+            if typical < SLOW
+            else f"the typical layer moves {typical:.1e}"
+        )
         cause = Cause(
             "learning_rate_too_low",
-            f"{layers[0]} moves {slow[0][0]:.1e} of its norm per step while the typical layer moves {typical:.1e}",
+            f"{layer_names(layers[:1], start=True)} {moves}, while {typical_text}",
             1.0,
-            {"median_update_ratio": slow[0][0], "typical_layer": typical},
+            {"median_update_ratio": slowest, "typical_layer": typical},
         )
         summary = (
-            f"{layers[0]} barely learns: median update/weight ratio {slow[0][0]:.1e} against {typical:.1e} for "
-            "the typical layer."
+            f"{layer_names(layers, start=True)} barely {'learns' if len(layers) == 1 else 'learn'}: median "
+            f"update/weight ratio {slowest:.1e} at the slowest, against {typical:.1e} for the typical layer."
         )
         evidence = {
             "median_update_ratio": {view.names[c]: m for m, c in slow},
