@@ -166,6 +166,31 @@ def test_act_std_keeps_its_precision_when_the_mean_dwarfs_it(tmp_path):
     assert expected < 1e-5 and math.isclose(got, expected, rel_tol=1e-3)
 
 
+def test_act_std_regains_its_precision_a_flush_after_a_layer_collapses(tmp_path):
+    # Outputs that spread widely are summed plainly in float32, which a collapse to a
+    # spread of 2e-6 about 1 would ruin; the first flush that sees it restores the shift.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.Sigmoid(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(256, 4)
+    expected = []
+    with gradwatch.watch(model, opt, run=tmp_path, mode="full", flush_every=5):
+        for step in range(20):
+            if step == 10:
+                with torch.no_grad():
+                    model[0].weight.mul_(1e-2)
+                    model[0].bias.fill_(8.0)
+            with torch.no_grad():
+                expected.append(float(torch.sigmoid(model[0](x)).double().std(correction=0)))
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    got = gradwatch.open_run(tmp_path).matrix("act_std")[:, 1]
+    assert expected[5] > 0.1 and math.isclose(got[5], expected[5], rel_tol=1e-4)
+    assert expected[19] < 1e-5 and math.isclose(got[19], expected[19], rel_tol=1e-3)
+
+
 def test_a_step_that_raised_does_not_stop_the_recording(tmp_path):
     class FlakySGD(torch.optim.SGD):
         calls = 0

@@ -10,13 +10,15 @@ than a Python loop over every scalar of every step.
 How the scalars combine, when a module runs several times in one step (several
 forwards, micro-batches): sums and counts add up; norms combine as the root of
 summed squares; the variance pools the calls' own sums of squared deviations
-(Chan et al.'s parallel formula). Each call's sum and sum of squares are
-accumulated in float64 on the device, where the squares of float32 values are
-exact, so the subtraction that gives its deviations keeps its precision.
+(Chan et al.'s parallel formula). Each call's sum and norm are float32 sums on the
+device, taken about a shift (one of the output's own entries) where the output's
+spread is small next to its mean, so that they do not cancel; see
+``Watcher._record_output``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -323,6 +325,33 @@ def _union(parts: list[tuple[np.ndarray, np.ndarray]], n: int) -> Block:
         if len(part_ids):
             flags[:, np.searchsorted(ids, part_ids)] |= part
     return Block("nonfinite", ids, flags)
+
+
+def relative_spread(tallies: Sequence[Tally]) -> dict[int, float]:
+    """Each layer's latest finite act_std / |act_mean| (inf for a zero mean).
+
+    Example:
+        >>> t = Tally([0], [True], [None])
+        >>> t.layer = [Block("act_mean", np.array([4]), np.array([[2.0]])),
+        ...            Block("act_std", np.array([4]), np.array([[0.5]]))]
+        >>> relative_spread([t])
+        {4: 0.25}
+    """
+    out: dict[int, float] = {}
+    for tally in tallies:
+        mean, std = tally.layer_block("act_mean"), tally.layer_block("act_std")
+        if mean is None or std is None:
+            continue
+        column = {int(i): j for j, i in enumerate(mean.ids.tolist())}
+        for j, idx in enumerate(std.ids.tolist()):
+            if idx not in column:
+                continue
+            m, s = mean.values[:, column[idx]], std.values[:, j]
+            finite = np.flatnonzero(np.isfinite(m) & np.isfinite(s))
+            if finite.size:
+                last_m, last_s = abs(float(m[finite[-1]])), float(s[finite[-1]])
+                out[idx] = last_s / last_m if last_m > 0 else math.inf
+    return out
 
 
 def tally_steps(

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from . import __version__
-from .aggregate import Block, Layout, Tally, tally_steps
+from .aggregate import Block, Layout, Tally, relative_spread, tally_steps
 from .layers import RECTIFYING, RECURRENT, Layer, discover_layers, named_roots
 from .probes.activations import Saturation, output_sum, saturation, unit_max
 from .probes.grads import LOW_PRECISION, GradNormPlan, nonzero_counts, vector_norm
@@ -42,6 +42,10 @@ from .schedule import as_schedule
 from .store import LayerRow, RunWriter
 
 MODES = ("default", "grads", "full")
+# std / |mean| from which an output's moments are plain float32 sums: the variance
+# then loses about 1e-7 * (1 + (mean / std)^2) of itself to cancellation, 2e-7 at most.
+# Zero-mean outputs (linear, conv, normalization, tanh) and ReLUs qualify; sigmoids not.
+SPREAD_OUT = 1.0
 
 
 class GradwatchWarning(UserWarning):
@@ -165,6 +169,9 @@ class Watcher:
         self._callback_queued = False
         self._flush_due = False
         self._unit_peak: dict[int, torch.Tensor] = {}
+        # Layers whose outputs spread widely about their mean, when last measured: their
+        # moments need no shift (see _record_output).
+        self._spread_out: set[int] = set()
         self._last_act_step: dict[int, int] = {}
         self._pending: list[PackedStep] = []
         self._written_layers = 0
@@ -449,13 +456,21 @@ class Watcher:
     def _record_output(self, index: int, out: torch.Tensor, moments: bool = False) -> None:
         """Queue a layer output's sum (its mean, and the non-finite check) on the open step.
 
-        With ``moments`` (a float32 or float64 ``out``), the sum and the norm are taken
-        about a shift, one of the output's own entries: float32 sums of deviations do
-        not cancel as raw moments would, and need no float64 copy of the output.
+        With ``moments`` (a float32 or float64 ``out``) its norm is queued too. For an
+        output whose std was at least ``SPREAD_OUT`` times its mean when last measured,
+        plain float32 sums give the variance to about 1e-7 of itself. Otherwise (and
+        before the first flush), the sum and the norm are taken about a shift, one of
+        the output's own entries, so that they do not cancel: a std of 2e-6 about a
+        mean of 1 survives. The shift costs a pass that writes a copy of the output.
+        A layer that collapses is measured plainly until the next flush sees it.
         """
         buf = self._open
         n = out.numel()
-        if moments and n:
+        if moments and n and index in self._spread_out:
+            total = out.sum()
+            buf.add(("l", index, "fsum"), total, n)
+            buf.add(("l", index, "fsq"), vector_norm(out), n)
+        elif moments and n:
             # A copy (a later in-place op may change out), and finite, so that an
             # output of -inf still sums to -inf.
             shift = out.reshape(-1)[0].nan_to_num(0.0, 0.0, 0.0)
@@ -764,6 +779,11 @@ class Watcher:
                 once.append((last, i, "recurrent_radius", float(value[0])))
         self._unit_peak.clear()
         self._last_act_step.clear()
+        for index, spread in relative_spread(tallies).items():
+            if spread >= SPREAD_OUT:
+                self._spread_out.add(index)
+            else:
+                self._spread_out.discard(index)
         partial = {p.step for p in self._pending if getattr(p, "partial", False)}
         self._write(tallies, partial, once)
         self._pending.clear()
