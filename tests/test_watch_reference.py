@@ -192,3 +192,15 @@ def test_bf16_autocast_statistics_follow_the_low_precision_outputs(tmp_path):
             ref.after_step()
     ref.close()
     assert compare(gradwatch.open_run(w.run_dir), ref, METRICS, RTOL) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_nonzero_count_agrees_with_torch_on_signed_zeros_nan_and_strides(dtype):
+    from gradwatch.probes.grads import nonzero_count
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 96).relu().to(dtype)  # large enough for the bit count
+    x[::5] = -0.0  # -0.0 has a nonzero bit pattern, yet is zero
+    x[1, 1], x[2, 2] = float("nan"), float("-inf")
+    for t in (x, x.t(), x[:, ::2], -x):
+        assert int(nonzero_count(t)) == int(torch.count_nonzero(t))

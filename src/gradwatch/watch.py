@@ -33,7 +33,13 @@ from . import __version__
 from .aggregate import Block, Layout, Tally, relative_spread, tally_steps
 from .layers import RECTIFYING, RECURRENT, Layer, discover_layers, named_roots
 from .probes.activations import Saturation, output_sum, saturation, unit_max
-from .probes.grads import LOW_PRECISION, GradNormPlan, nonzero_counts, vector_norm
+from .probes.grads import (
+    LOW_PRECISION,
+    GradNormPlan,
+    nonzero_count,
+    nonzero_counts,
+    vector_norm,
+)
 from .probes.numerics import NonFiniteError
 from .probes.recurrent import recurrent_radius
 from .probes.updates import UpdateProbe
@@ -550,7 +556,7 @@ class Watcher:
                 if sat.from_moments is None:  # else it follows from the moments at flush
                     buf.add(("l", index, "dsum"), sat.derivative(y).sum(), n)
             if rectifier:
-                buf.add(("l", index, "nonzero"), torch.count_nonzero(y), n)
+                buf.add(("l", index, "nonzero"), nonzero_count(y), n)
                 self._track_alive(index, y)
             for leaf in tree_leaves(output):
                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
