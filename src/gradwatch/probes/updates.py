@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .grads import grad_norms
+from .grads import norm_dtype
 
 
 class UpdateProbe:
@@ -44,9 +44,19 @@ class UpdateProbe:
             before = [before[k] for k in chosen]
         if not indices:
             return [], [], []
-        order, weight = grad_norms(indices, before)
-        torch._foreach_sub_(before, now)  # before now holds -(update)
-        _, update = grad_norms(indices, before)  # same grouping, so the same order
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for k, t in enumerate(now):  # foreach kernels take one device and dtype at a time
+            groups.setdefault((t.device, t.dtype), []).append(k)
+        order: list[int] = []
+        update: list[torch.Tensor] = []
+        weight: list[torch.Tensor] = []
+        for (_, dtype), positions in groups.items():
+            was = [before[k] for k in positions]
+            reduce_in = norm_dtype(dtype)
+            weight.extend(torch._foreach_norm(was, 2, dtype=reduce_in))
+            torch._foreach_sub_(was, [now[k] for k in positions])  # now -(update)
+            update.extend(torch._foreach_norm(was, 2, dtype=reduce_in))
+            order.extend(indices[k] for k in positions)
         return order, update, weight
 
     def discard(self) -> None:
