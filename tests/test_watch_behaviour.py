@@ -206,6 +206,27 @@ def test_rnn_outputs_are_tuples(tmp_path):
         assert "recurrent_radius" in run.metrics
 
 
+def test_the_recurrent_radius_is_measured_only_at_flushes_after_a_detailed_step(tmp_path):
+    torch.manual_seed(0)
+    for mode, detail, expected in (("default", lambda step: step == 0, [0]), ("grads", None, [])):
+        model = nn.LSTM(3, 5, batch_first=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run_dir = tmp_path / mode
+        with gradwatch.watch(model, opt, run=run_dir, mode=mode, detail=detail, flush_every=2):
+            for _ in range(6):
+                out, _ = model(torch.randn(2, 7, 3))
+                opt.zero_grad()
+                out.pow(2).mean().backward()
+                opt.step()
+        run = gradwatch.open_run(run_dir)
+        assert len(run.steps) == 6
+        if not expected:
+            assert "recurrent_radius" not in run.metrics
+            continue
+        radius = run.matrix("recurrent_radius")[:, 0]
+        assert run.steps[np.isfinite(radius)].tolist() == expected and radius[0] > 0
+
+
 def test_hooks_are_removed_even_when_the_body_raises(tmp_path):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

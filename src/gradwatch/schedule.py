@@ -2,7 +2,8 @@
 
 Cheap statistics (gradient norms, output sums for the non-finite check, the loss) are
 taken on every optimizer step. The detailed ones (backpropagated error, activation
-health, update-to-weight ratios, zero-gradient fractions) cost a few extra kernels per
+health, update-to-weight ratios, zero-gradient fractions, the spectral radius of
+recurrent matrices, at the flush after a detailed step) cost a few extra kernels per
 layer, so they run on scheduled steps only: densely during a short warm-up, where
 init problems show, then ever more sparsely. The idea follows cockpit's
 ``track_schedule``.
