@@ -391,9 +391,6 @@ class Watcher:
         if not leaves or any(t.device.type != "cpu" for t in leaves):
             self._undeferrable.add(id(root))
             return False
-        for t in leaves:
-            if t.dtype in LOW_PRECISION and t.dtype not in self._low_precision:
-                self._note_low_precision(t.dtype)
         return all(_finite_on_host(t) for t in leaves)  # host read; CPU, so no wait
 
     def _replay(self, root: nn.Module, args: Any, kwargs: dict, rng_state: torch.Tensor) -> None:
