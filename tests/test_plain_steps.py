@@ -231,6 +231,27 @@ def train_arming_at_bad_step(model, opt, bad, steps=BAD_STEP + 1, batch=lambda: 
         opt.step()
 
 
+class HalfOfThousands(nn.Module):
+    def forward(self, x):
+        return (x * 0 + 1000).half()  # finite, but 64 of them sum past float16's 65504
+
+
+def test_a_half_precision_output_with_a_large_sum_passes_the_check(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), HalfOfThousands())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, run=tmp_path):
+        for _ in range(15):
+            loss = model(torch.randn(8, 4)).float().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = gradwatch.open_run(tmp_path)
+    assert not any(r["nonfinite"] for r in run.step_table())
+    detail = np.array([r["detail"] for r in run.step_table()], dtype=bool)
+    assert np.isnan(run.matrix("act_mean")[~detail]).all()  # no replay on plain steps
+
+
 def test_layers_are_not_hooked_on_plain_cpu_steps(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
