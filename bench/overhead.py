@@ -14,6 +14,10 @@ rounds and warm-up; so do methods that cost the same on every step.
     python bench/overhead.py --quick                 # the MLP only, no Cockpit, under 3 minutes
     python bench/overhead.py --json results.json     # every workload
     python bench/overhead.py --memory                # peak RSS per method, in child processes
+    python bench/overhead.py --device cuda           # on a GPU: each step ends in a synchronize
+
+On a GPU every step of both twins ends with ``torch.cuda.synchronize()``, so that a
+step's time is its wall time, kernels included, and not only the host's launch time.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ def _labels(n: int) -> torch.Tensor:
 
 
 ce = nn.functional.cross_entropy
+CPU = torch.device("cpu")
 WORKLOADS = {
     "mlp": Workload("mlp", _mlp, lambda: (torch.randn(128, 256), _labels(128)), ce),
     "cnn_bn": Workload("cnn_bn", _cnn, lambda: (torch.randn(32, 3, 32, 32), _labels(32)), ce),
@@ -109,9 +114,17 @@ WORKLOADS = {
 class Trainer:
     """One model, its optimizer and (optionally) an instrument around its steps."""
 
-    def __init__(self, workload: Workload, base: nn.Module, instrument: Instrument | None) -> None:
+    def __init__(
+        self,
+        workload: Workload,
+        base: nn.Module,
+        instrument: Instrument | None,
+        device: torch.device = CPU,
+    ) -> None:
         self.workload = workload
-        self.model = copy.deepcopy(base)
+        self.model = copy.deepcopy(base).to(device)
+        # On an accelerator a step ends when its kernels do, not when the host has queued them.
+        self.wait = torch.cuda.synchronize if device.type == "cuda" else None
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.instrument = instrument
         if instrument is not None:
@@ -136,6 +149,8 @@ class Trainer:
         self.opt.step()
         if self.instrument is not None:
             self.instrument.after_step(loss)
+        if self.wait is not None:
+            self.wait()
         return time.perf_counter() - start
 
     def block(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -146,10 +161,17 @@ class Trainer:
             self.instrument.close()
 
 
-def measure(workload: Workload, methods: list[str], rounds: int, block: int, warmup: int) -> dict:
+def measure(
+    workload: Workload,
+    methods: list[str],
+    rounds: int,
+    block: int,
+    warmup: int,
+    device: torch.device = CPU,
+) -> dict:
     torch.manual_seed(0)
     base = workload.make_model()
-    batches = [workload.make_batch() for _ in range(block)]
+    batches = [tuple(t.to(device) for t in workload.make_batch()) for _ in range(block)]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
@@ -161,7 +183,8 @@ def measure(workload: Workload, methods: list[str], rounds: int, block: int, war
                 continue
             steps, peer_rounds, peer_warmup = peer.schedule(block, rounds, warmup)
             peer_batches = batches[:steps]
-            twin, watched = Trainer(workload, base, None), Trainer(workload, base, instrument)
+            twin = Trainer(workload, base, None, device)
+            watched = Trainer(workload, base, instrument, device)
             try:
                 for _ in range(peer_warmup):
                     twin.block(peer_batches)
@@ -275,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--block", type=int, default=None, help="steps per timed block")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--markdown", type=Path, help="write the results as a Markdown table here")
     parser.add_argument(
         "--memory", action="store_true", help="also measure peak RSS in child processes"
@@ -284,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    if args.rounds is not None and args.rounds < 2:
+        parser.error("--rounds must be at least 2: the spread is an interquartile range")
     if args.child_memory:
         peak_rss_child(args.child_memory[0], args.child_memory[1], int(args.child_memory[2]))
         return 0
@@ -295,13 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     # 100 steps: two flush periods and one detailed-step period, so every block pays
     # its share of both instead of the median hiding them.
     block = args.block or 100
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}"
+        f"torch {torch.__version__}, {args.threads} threads, "
+        f"{platform.processor() or platform.machine()}, device {where}"
     )
     results: dict = {}
     for name in workloads:
         wl_methods = [m for m in methods if PEERS[m].applies(name)]
-        results[name] = measure(WORKLOADS[name], wl_methods, rounds, block, warmup)
+        results[name] = measure(WORKLOADS[name], wl_methods, rounds, block, warmup, device)
     if args.memory:
         results["_memory"] = {
             "mlp": measure_memory("mlp", [m for m in methods if m.startswith("gradwatch")], 150)

@@ -23,3 +23,19 @@ def test_overhead_benchmark_writes_valid_json(tmp_path):
     default = results["mlp"]["gradwatch_default"]
     assert default["ratio"] > 0 and default["spread"] >= 0
     assert "lightning_grad_norm" in results["mlp"]  # measured, or marked not installed
+
+
+def test_gpu_check_runs_without_a_gpu(tmp_path):
+    """The GPU script is tried here on the CPU, so that no GPU time is spent on a broken one."""
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--out", str(tmp_path),
+        "--workloads", "mlp", "--steps", "3", "--rounds", "2", "--block", "2",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    syncs = json.loads((tmp_path / "gpu_syncs.json").read_text())
+    assert syncs == {
+        "mlp": dict.fromkeys(["uninstrumented", "default", "grads", "full"], "no sync")
+    }
+    table = json.loads((tmp_path / "gpu_overhead.json").read_text())
+    assert table["mlp"]["gradwatch_default"]["ratio"] > 0
+    assert (tmp_path / "gpu_overhead.md").read_text().startswith("| method | mlp |")
