@@ -537,6 +537,7 @@ class Watcher:
     def _make_layer_hook(self, layer: Layer, sat: Saturation | None) -> Callable:
         index, root = layer.index, layer.root
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
+        on_error = self._make_error_hook(index)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._closed or _compiling() or not torch.is_grad_enabled() or not root.training:
@@ -563,9 +564,10 @@ class Watcher:
             if rectifier:
                 buf.add(("l", index, "nonzero"), nonzero_count(y), n)
                 self._track_alive(index, y)
-            for leaf in tree_leaves(output):
+            leaves = (output,) if type(output) is torch.Tensor else tree_leaves(output)
+            for leaf in leaves:
                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
-                    leaf.register_hook(self._make_error_hook(index))
+                    leaf.register_hook(on_error)
 
         return hook
 
