@@ -12,20 +12,35 @@ from collections.abc import Sequence
 
 import torch
 
-from .grads import norm_dtype
+from .grads import GradNormPlan
 
 
 class UpdateProbe:
-    """Snapshot parameters before an update and measure the change after it."""
+    """Snapshot parameters before an update and measure the change after it.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.full((4,), 2.0))
+        >>> probe = UpdateProbe()
+        >>> probe.begin(0, [7], [w])
+        >>> with torch.no_grad():
+        ...     _ = w.sub_(0.5)  # the optimizer's step
+        >>> idx, update, weight = probe.end(0)
+        >>> idx, float(update[0]), float(weight[0])
+        ([7], 1.0, 4.0)
+    """
 
     def __init__(self) -> None:
         self._before: dict[int, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
+        # (device, dtype) groups of positions, by the parameter indices measured: the
+        # same set comes back every step, and grouping costs more than the norms.
+        self._plans: dict[tuple[int, ...], GradNormPlan] = {}
 
     def begin(self, key: int, indices: Sequence[int], params: Sequence[torch.Tensor]) -> None:
         if not params:
             return
-        tensors = [p.detach() for p in params]
-        self._before[key] = (list(indices), tensors, torch._foreach_mul(tensors, 1.0))
+        with torch.no_grad():  # one context, not a detach() per parameter
+            snapshot = torch._foreach_mul(params, 1.0)
+        self._before[key] = (list(indices), list(params), snapshot)
 
     def pending(self, key: int) -> bool:
         return key in self._before
@@ -37,26 +52,26 @@ class UpdateProbe:
         if key not in self._before:
             return [], [], []
         indices, now, before = self._before.pop(key)
-        if keep is not None:
+        if keep is not None and len(keep) < len(indices):
             chosen = [k for k, i in enumerate(indices) if i in keep]
             indices = [indices[k] for k in chosen]
             now = [now[k] for k in chosen]
             before = [before[k] for k in chosen]
         if not indices:
             return [], [], []
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for k, t in enumerate(now):  # foreach kernels take one device and dtype at a time
-            groups.setdefault((t.device, t.dtype), []).append(k)
+        plan = self._plans.get(tuple(indices))
+        if plan is None:
+            plan = self._plans[tuple(indices)] = GradNormPlan(range(len(now)), now)
         order: list[int] = []
         update: list[torch.Tensor] = []
         weight: list[torch.Tensor] = []
-        for (_, dtype), positions in groups.items():
-            was = [before[k] for k in positions]
-            reduce_in = norm_dtype(dtype)
-            weight.extend(torch._foreach_norm(was, 2, dtype=reduce_in))
-            torch._foreach_sub_(was, [now[k] for k in positions])  # now -(update)
-            update.extend(torch._foreach_norm(was, 2, dtype=reduce_in))
-            order.extend(indices[k] for k in positions)
+        with torch.no_grad():
+            for positions, reduce_in in plan.groups:  # foreach takes one device and dtype
+                was = [before[k] for k in positions]
+                weight.extend(torch._foreach_norm(was, 2, dtype=reduce_in))
+                torch._foreach_sub_(was, [now[k] for k in positions])  # now -(update)
+                update.extend(torch._foreach_norm(was, 2, dtype=reduce_in))
+                order.extend(indices[k] for k in positions)
         return order, update, weight
 
     def discard(self) -> None:
