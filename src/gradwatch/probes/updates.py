@@ -52,7 +52,7 @@ class UpdateProbe:
         if key not in self._before:
             return [], [], []
         indices, now, before = self._before.pop(key)
-        if keep is not None and len(keep) < len(indices):
+        if keep is not None and not keep.issuperset(indices):
             chosen = [k for k, i in enumerate(indices) if i in keep]
             indices = [indices[k] for k in chosen]
             now = [now[k] for k in chosen]
