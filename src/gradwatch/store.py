@@ -46,12 +46,16 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
 
 SCHEMA_VERSION = 2
 FILE_NAME = "run.sqlite"
+# Rows per INSERT statement: 100 rows of at most 8 columns stay under SQLite's oldest
+# limit on bound variables (999).
+ROWS_PER_INSERT = 100
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -133,23 +137,36 @@ class RunWriter:
     ) -> None:
         """Write one flush: layer and parameter descriptions, then the steps' rows."""
         with self._db:
-            self._db.executemany(
-                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
+            self._insert(
+                "layers",
+                8,
+                (
                     (r.id, r.name, r.type, r.kind, r.exec_order, r.fan_in, r.n_params, r.model)
                     for r in layers
-                ],
+                ),
             )
-            self._db.executemany("INSERT OR REPLACE INTO params VALUES (?, ?, ?, ?, ?)", params)
-            self._db.executemany(
-                "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?)", steps
-            )
-            self._db.executemany(
-                "INSERT OR REPLACE INTO layer_metrics VALUES (?, ?, ?, ?)", layer_metrics
-            )
-            self._db.executemany(
-                "INSERT OR REPLACE INTO param_metrics VALUES (?, ?, ?, ?)", param_metrics
-            )
+            self._insert("params", 5, params)
+            self._insert("steps", 8, steps)
+            self._insert("layer_metrics", 4, layer_metrics)
+            self._insert("param_metrics", 4, param_metrics)
+
+    def _insert(self, table: str, width: int, rows: Iterable[Sequence]) -> None:
+        """INSERT OR REPLACE ``rows``, ROWS_PER_INSERT of them per statement.
+
+        Each statement costs a round of binding and stepping; a row inside a multi-row
+        statement costs about 1 µs against 1.6 µs alone, and a full-mode flush writes
+        some 450 rows per step.
+        """
+        one = "(" + ", ".join("?" * width) + ")"
+        head = f"INSERT OR REPLACE INTO {table} VALUES "
+        rows = iter(rows)
+        full: list[list] = []
+        while len(chunk := list(islice(rows, ROWS_PER_INSERT))) == ROWS_PER_INSERT:
+            full.append(list(chain.from_iterable(chunk)))
+        if full:
+            self._db.executemany(head + ", ".join([one] * ROWS_PER_INSERT), full)
+        if chunk:
+            self._db.executemany(head + one, chunk)
 
     def close(self) -> None:
         self._db.close()
