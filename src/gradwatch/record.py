@@ -50,7 +50,7 @@ class StepBuffer:
         return self.stepped or self.backward_grads is not None
 
     def pack(self) -> PackedStep:
-        """Close this step: stack its scalars into one small tensor (one kernel, no sync).
+        """Close this step: stack its scalars into one small tensor (no sync).
 
         Stacking now rather than at flush frees the step's many 0-d tensors at once:
         dozens of tiny allocations held across a flush window fragment the heap, and
@@ -65,6 +65,11 @@ class StepBuffer:
 
 
 def _stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
+    if all(v.is_cpu for v in values):
+        # Nothing to wait for on the CPU, and reading each value costs a sixth of
+        # stacking them (stack converts mixed dtypes one tensor at a time). Read
+        # exactly: float64 holds every float32 and every count below 2**53.
+        return torch.from_numpy(np.array([v.item() for v in values], dtype=np.float64))
     try:  # every scalar on one device (the usual case); stack promotes their dtypes
         return torch.stack(values)
     except RuntimeError:  # a model spread over devices: gather them (rare)
