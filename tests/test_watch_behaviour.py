@@ -11,6 +11,7 @@ from reference import Reference, compare
 from torch import nn
 
 import gradwatch
+from gradwatch.watch import Watcher
 
 
 def hook_count(model: nn.Module) -> int:
@@ -337,3 +338,68 @@ def test_the_store_is_plain_sqlite(tmp_path):
         "SELECT value FROM layer_metrics WHERE metric='grad_norm' AND step=2 AND layer_id=0"
     ).fetchone()[0]
     assert math.isfinite(value) and value > 0
+
+
+class Block(nn.Module):
+    """Returns its last child's output tensor itself, as a TransformerEncoderLayer does."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.act = nn.ReLU(inplace=inplace)  # in place, it returns its input, changed
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(self.act(self.lin(x)))
+
+
+def train_blocks(model, run_dir, ref=None, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, run=run_dir, mode="full"):
+        for _ in range(steps):
+            loss = model(torch.randn(16, 8)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            if ref is not None:
+                ref.before_step()
+            opt.step()
+            if ref is not None:
+                ref.after_step()
+    return gradwatch.open_run(run_dir)
+
+
+def test_a_block_returning_its_childs_output_is_measured_once(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), nn.Tanh(), Block(), nn.Linear(8, 1))
+    measured = []
+    record = Watcher._record_output
+    monkeypatch.setattr(
+        Watcher, "_record_output", lambda w, i, *a, **k: measured.append(i) or record(w, i, *a, **k)
+    )
+    ref = Reference(model)
+    run = train_blocks(model, tmp_path, ref, steps=3)
+    ref.close()
+    assert compare(run, ref, ["error_norm", "act_mean", "act_std"]) == []
+    mean, error = run.matrix("act_mean"), run.matrix("error_norm")
+    col = run.layers.index
+    for block in ("0", "2"):
+        for metric in (mean, error):
+            np.testing.assert_array_equal(metric[:, col(block)], metric[:, col(f"{block}.out")])
+    blocks = {layer.id for layer in run.layer_info if layer.name in ("0", "2")}
+    assert len(run.layer_info) == 10 and len(blocks) == 2
+    assert not blocks & set(measured) and len(measured) == 3 * 8  # per step, 8 outputs of 10
+
+
+def test_an_output_changed_in_place_is_measured_anew(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(inplace=True), nn.Linear(8, 1))
+    seen = {"0.lin": [], "0.act": []}
+    for name in seen:  # registered first, so they run before gradwatch's hooks
+        model.get_submodule(name).register_forward_hook(
+            lambda m, a, out, name=name: seen[name].append(out.detach().double().mean().item())
+        )
+    run = train_blocks(model, tmp_path)
+    mean = run.matrix("act_mean")
+    for name, expected in seen.items():
+        np.testing.assert_allclose(mean[:, run.layers.index(name)], expected, rtol=1e-5)
+    assert seen["0.lin"] != seen["0.act"]

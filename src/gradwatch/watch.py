@@ -48,6 +48,9 @@ from .schedule import as_schedule
 from .store import LayerRow, RunWriter
 
 MODES = ("default", "grads", "full")
+# The step-buffer codes of an output's moments: what a block shares with the child
+# whose output tensor it returns (see Watcher._measured_already).
+MOMENTS = ("fsum", "fsq", "shift")
 # std / |mean| from which an output's moments are plain float32 sums: the variance
 # then loses about 1e-7 * (1 + (mean / std)^2) of itself to cancellation, 2e-7 at most.
 # Zero-mean outputs (linear, conv, normalization, tanh) and ReLUs qualify; sigmoids not.
@@ -180,6 +183,9 @@ class Watcher:
         self._callback_queued = False
         self._flush_due = False
         self._unit_peak: dict[int, torch.Tensor] = {}
+        # The output measured last on a detailed step: (weak reference, version, step
+        # buffer, positions of its moments there, layers sharing its error).
+        self._last_measured: tuple | None = None
         # Layers whose outputs spread widely about their mean, when last measured: their
         # moments need no shift (see _record_output).
         self._spread_out: set[int] = set()
@@ -537,7 +543,6 @@ class Watcher:
     def _make_layer_hook(self, layer: Layer, sat: Saturation | None) -> Callable:
         index, root = layer.index, layer.root
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
-        on_error = self._make_error_hook(index)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._closed or _compiling() or not torch.is_grad_enabled() or not root.training:
@@ -550,6 +555,10 @@ class Watcher:
             if not buf.detail:
                 self._record_output(index, out)
                 return
+            single = type(output) is torch.Tensor
+            if single and self._measured_already(index, out, buf):
+                return
+            start = len(buf.keys)
             n = out.numel()
             y = out.detach()
             if y.dtype in LOW_PRECISION:
@@ -564,12 +573,37 @@ class Watcher:
             if rectifier:
                 buf.add(("l", index, "nonzero"), nonzero_count(y), n)
                 self._track_alive(index, y)
-            leaves = (output,) if type(output) is torch.Tensor else tree_leaves(output)
+            targets = [index]  # layers whose error this output's gradient is
+            on_error = self._make_error_hook(targets)
+            leaves = (output,) if single else tree_leaves(output)
             for leaf in leaves:
                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
                     leaf.register_hook(on_error)
+            if single:  # a tuple's other leaves have errors of their own
+                moments = [k for k in range(start, len(buf.keys)) if buf.keys[k][2] in MOMENTS]
+                self._last_measured = (weakref.ref(out), out._version, buf, moments, targets)
+            else:
+                self._last_measured = None
 
         return hook
+
+    def _measured_already(self, index: int, out: torch.Tensor, buf: StepBuffer) -> bool:
+        """Reuse the last measured output's moments and error when ``out`` is that tensor.
+
+        A block (a TransformerEncoderLayer, a whole model) often returns its last
+        child's output itself; its hook fires right after the child's. Measured
+        again, the same tensor would cost every reduction twice. An in-place
+        change since (a ReLU with inplace=True returns its input) bumps the
+        tensor's version, and it is measured anew. Only the moments and the error
+        carry over: zero and saturation counts belong to the layer's own kind.
+        """
+        last = self._last_measured
+        if last is None or last[0]() is not out or last[1] != out._version or last[2] is not buf:
+            return False
+        for k in last[3]:
+            buf.add(("l", index, buf.keys[k][2]), buf.values[k], buf.counts[k])
+        last[4].append(index)
+        return True
 
     def _set_optional_hooks(self, group: str, on: bool) -> None:
         """Attach (or remove) one group of the layer hooks that are not always on."""
@@ -590,9 +624,13 @@ class Watcher:
         for group in self._attached:
             self._set_optional_hooks(group, False)
 
-    def _make_error_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+    def _make_error_hook(self, targets: list[int]) -> Callable[[torch.Tensor], None]:
+        """The hook that records a gradient's norm as the error of each layer in ``targets``."""
+
         def on_grad(grad: torch.Tensor) -> None:
-            self._open.add(("l", index, "err"), vector_norm(grad))
+            norm = vector_norm(grad)
+            for index in targets:
+                self._open.add(("l", index, "err"), norm)
 
         return on_grad
 
@@ -750,6 +788,7 @@ class Watcher:
         buf = self._open
         self._stepped.clear()
         self._updates.discard()
+        self._last_measured = None  # it holds the step's buffer
         self._set_optional_hooks("detail", False)
         if buf.has_grads or (partial and buf.forward_seen):
             packed = buf.pack()
