@@ -37,6 +37,16 @@ def layer_names(names: list[str], shown: int = 4, start: bool = False) -> str:
     return f"{word}s {', '.join(names[:shown])} and {len(names) - shown} more"
 
 
+def agree(names: list[str], one: str, many: str) -> str:
+    """The word that agrees with a list of layers: ``one`` for a single layer, else ``many``.
+
+    Example:
+        >>> agree(["0"], "learns", "learn"), agree(["0", "2"], "its", "their")
+        ('learns', 'their')
+    """
+    return one if len(names) == 1 else many
+
+
 @dataclass(frozen=True)
 class Remedy:
     """A fix: a stable id, one sentence, and a snippet using torch's own API."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .findings import Cause, Finding, layer_names
+from .findings import Cause, Finding, agree, layer_names
 from .profile import RunView, nanmedian
 
 FAST = 0.1
@@ -53,8 +53,8 @@ def check(view: RunView) -> list[Finding]:
             {"median_update_ratio": fast[0][0]},
         )
         summary = (
-            f"{layer_names(layers, start=True)} {'learns' if len(layers) == 1 else 'learn'} too fast for "
-            f"{'its' if len(layers) == 1 else 'their'} weight scale: median update/weight ratio "
+            f"{layer_names(layers, start=True)} {agree(layers, 'learns', 'learn')} too fast for "
+            f"{agree(layers, 'its', 'their')} weight scale: median update/weight ratio "
             f"{fast[0][0]:.1e} at the fastest."
         )
         evidence = {
@@ -84,7 +84,7 @@ def check(view: RunView) -> list[Finding]:
             {"median_update_ratio": slowest, "typical_layer": typical},
         )
         summary = (
-            f"{layer_names(layers, start=True)} barely {'learns' if len(layers) == 1 else 'learn'}: median "
+            f"{layer_names(layers, start=True)} barely {agree(layers, 'learns', 'learn')}: median "
             f"update/weight ratio {slowest:.1e} at the slowest, against {typical:.1e} for the typical layer."
         )
         evidence = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import causes
 from .depth import affected_layers, depth_episodes, episode_evidence
-from .findings import Finding, layer_names
+from .findings import Finding, agree, layer_names
 from .profile import RunView
 
 
@@ -26,7 +26,7 @@ def check(view: RunView) -> list[Finding]:
             f"The backpropagated error shrinks by {ev['gain_per_layer']:.2g}x per layer on its way to the input: "
             f"{ev['orders_of_magnitude_across_depth']:.1f} orders of magnitude across {depth} layers, from step "
             f"{episode.first_step}. {layer_names(layers, start=True) if layers else 'The early layers'} "
-            f"barely {'learns' if len(layers) == 1 else 'learn'}."
+            f"barely {agree(layers, 'learns', 'learn')}."
         )
         findings.append(
             Finding(
