@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead  # noqa: E402
 
 import gradwatch  # noqa: E402
+from gradwatch.watch import MODES  # noqa: E402
 
-MODES = ("default", "grads", "full")
 # Peers that run on a GPU and finish within the machine's budget.
 GPU_METHODS = [
     "uninstrumented",
