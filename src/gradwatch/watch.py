@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -55,6 +55,16 @@ MOMENTS = ("fsum", "fsq", "shift")
 # then loses about 1e-7 * (1 + (mean / std)^2) of itself to cancellation, 2e-7 at most.
 # Zero-mean outputs (linear, conv, normalization, tanh) and ReLUs qualify; sigmoids not.
 SPREAD_OUT = 1.0
+
+
+class _Measured(NamedTuple):
+    """The output a detailed step measured last (see Watcher._measured_already)."""
+
+    tensor: weakref.ref  # weak: holding the output would keep its autograd graph alive
+    version: int  # the tensor's _version then; an in-place change bumps it
+    buf: StepBuffer
+    moments: list[int]  # positions of its moments in buf
+    targets: list[int]  # layers whose error its gradient is
 
 
 class GradwatchWarning(UserWarning):
@@ -183,9 +193,7 @@ class Watcher:
         self._callback_queued = False
         self._flush_due = False
         self._unit_peak: dict[int, torch.Tensor] = {}
-        # The output measured last on a detailed step: (weak reference, version, step
-        # buffer, positions of its moments there, layers sharing its error).
-        self._last_measured: tuple | None = None
+        self._last_measured: _Measured | None = None
         # Layers whose outputs spread widely about their mean, when last measured: their
         # moments need no shift (see _record_output).
         self._spread_out: set[int] = set()
@@ -581,7 +589,9 @@ class Watcher:
                     leaf.register_hook(on_error)
             if single:  # a tuple's other leaves have errors of their own
                 moments = [k for k in range(start, len(buf.keys)) if buf.keys[k][2] in MOMENTS]
-                self._last_measured = (weakref.ref(out), out._version, buf, moments, targets)
+                self._last_measured = _Measured(
+                    weakref.ref(out), out._version, buf, moments, targets
+                )
             else:
                 self._last_measured = None
 
@@ -598,11 +608,16 @@ class Watcher:
         carry over: zero and saturation counts belong to the layer's own kind.
         """
         last = self._last_measured
-        if last is None or last[0]() is not out or last[1] != out._version or last[2] is not buf:
+        if (
+            last is None
+            or last.tensor() is not out
+            or last.version != out._version
+            or last.buf is not buf
+        ):
             return False
-        for k in last[3]:
+        for k in last.moments:
             buf.add(("l", index, buf.keys[k][2]), buf.values[k], buf.counts[k])
-        last[4].append(index)
+        last.targets.append(index)
         return True
 
     def _set_optional_hooks(self, group: str, on: bool) -> None:
