@@ -1,0 +1,52 @@
+"""One tensor's L2 norm, whichever kernel takes it, against a float64 reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradwatch.probes.grads import vector_norm
+
+
+def _reference(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor.detach().double()))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(128, 256),  # contiguous float32: BLAS's dot
+        lambda: torch.randn(4, 3, 5, dtype=torch.float64),
+        lambda: torch.randn(256, 128).t(),  # not contiguous: ATen's norm
+        lambda: torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last),
+        lambda: torch.randn(1000, dtype=torch.float16) * 300,  # reduced in float32
+        lambda: torch.randn(1000, dtype=torch.bfloat16),
+        lambda: torch.randn(7, requires_grad=True),  # never through dot's autograd
+        lambda: torch.tensor(-2.5),
+        lambda: torch.zeros(0),
+    ],
+    ids=["f32", "f64", "transposed", "channels_last", "f16", "bf16", "grad", "0-d", "empty"],
+)
+def test_norm_matches_float64_reference(make):
+    torch.manual_seed(0)
+    tensor = make()
+    norm = vector_norm(tensor)
+    assert norm.dim() == 0
+    assert norm.dtype == (torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    assert math.isclose(float(norm.detach()), _reference(tensor), rel_tol=1e-6, abs_tol=0.0)
+
+
+def test_a_large_float32_tensor_keeps_its_digits():
+    # ten million entries of mean 1.5: float32 sums drift here; 2e-5 is 1000 roundings
+    torch.manual_seed(0)
+    tensor = torch.rand(10_000_000) + 1.0
+    assert math.isclose(float(vector_norm(tensor)), _reference(tensor), rel_tol=2e-5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e20])
+def test_non_finite_or_overflowing_entries_give_a_non_finite_norm(value):
+    tensor = torch.ones(1000)
+    tensor[500] = value
+    assert not math.isfinite(float(vector_norm(tensor)))
