@@ -1,8 +1,12 @@
 """An independent reference for the watcher's metrics, built on plain autograd.
 
-It keeps every layer output with ``retain_grad()`` and clones weights around the
-optimizer step, then computes each metric in float64 with direct tensor math. It
-shares no code with gradwatch: layers and parameter ownership are re-derived here.
+It copies every layer output as its hook sees it, catches the gradient of each with
+a tensor hook, and clones weights around the optimizer step; then it computes each
+metric in float64 with direct tensor math. A copy and a tensor hook, not the tensor
+and ``retain_grad()``: a later in-place op (``ReLU(inplace=True)``) changes the
+tensor, and ``retain_grad()`` follows it, while a tensor hook registered before the
+change gets the gradient of the output the layer produced. It shares no code with
+gradwatch: layers and parameter ownership are re-derived here.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class Reference:
         self.model = model
         self.layers = layer_modules(model)
         self.params = owned_params(model)
-        self.outputs: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # per layer, per call: its first float output as the hook saw it, and its gradients
+        self.outputs: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = defaultdict(list)
         self.rows: list[dict[tuple[str, str], float]] = []
         self._before: dict[str, list[torch.Tensor]] = {}
         self._handles = [m.register_forward_hook(self._keep(n)) for n, m in self.layers.items()]
@@ -60,24 +65,13 @@ class Reference:
         def hook(module, args, output):
             if not torch.is_grad_enabled() or not self.model.training:
                 return
-            first = next(
-                t
-                for t in tree_leaves(output)
-                if isinstance(t, torch.Tensor) and t.is_floating_point()
-            )
-            for t in tree_leaves(output):
-                if isinstance(t, torch.Tensor) and t.requires_grad:
-                    t.retain_grad()
-            self.outputs[name].append(
-                (
-                    first,
-                    [
-                        t
-                        for t in tree_leaves(output)
-                        if isinstance(t, torch.Tensor) and t.requires_grad
-                    ],
-                )
-            )
+            leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+            first = next(t for t in leaves if t.is_floating_point())
+            grads: list[torch.Tensor] = []
+            for t in leaves:
+                if t.requires_grad:
+                    t.register_hook(grads.append)
+            self.outputs[name].append((first.detach().clone(), grads))
 
         return hook
 
@@ -113,12 +107,7 @@ class Reference:
                         peak = t.amax(dim=dims)
                         prev = self.window_max.get(name)
                         self.window_max[name] = peak if prev is None else torch.maximum(prev, peak)
-                errs = [
-                    t.grad.double().pow(2).sum()
-                    for _, ts in calls
-                    for t in ts
-                    if t.grad is not None
-                ]
+                errs = [g.double().pow(2).sum() for _, grads in calls for g in grads]
                 if errs:
                     row[(name, "error_norm")] = float(torch.sqrt(sum(errs))) / scale
                     row[(name, "error_rms")] = row[(name, "error_norm")] / acts.numel() ** 0.5

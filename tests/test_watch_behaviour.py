@@ -398,8 +398,13 @@ def test_an_output_changed_in_place_is_measured_anew(tmp_path):
         model.get_submodule(name).register_forward_hook(
             lambda m, a, out, name=name: seen[name].append(out.detach().double().mean().item())
         )
-    run = train_blocks(model, tmp_path)
-    mean = run.matrix("act_mean")
+    ref = Reference(model)  # copies each output in its hook, before the ReLU changes it
+    run = train_blocks(model, tmp_path, ref)
+    ref.close()
+    # The error of 0.lin is the gradient of its own output, before the ReLU zeroed part of it.
+    assert compare(run, ref, ["error_norm", "act_mean", "act_std"]) == []
+    mean, error = run.matrix("act_mean"), run.matrix("error_norm")
     for name, expected in seen.items():
         np.testing.assert_allclose(mean[:, run.layers.index(name)], expected, rtol=1e-5)
     assert seen["0.lin"] != seen["0.act"]
+    assert not np.allclose(error[:, run.layers.index("0.lin")], error[:, run.layers.index("0.act")])
