@@ -289,3 +289,31 @@ def test_unsaturated_sigmoids_are_blamed_for_their_derivative_bound_not_for_satu
     assert "almost none of their units saturated" in cause.text and "0.25^12" in cause.text, (
         cause.text
     )
+
+
+def test_a_finite_gradient_whose_norm_overflows_float32_is_told_apart_from_nan(tmp_path):
+    """Entries of 1e18 are finite, but 64x64 of them square past 3.4e38: the norm reads inf."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False))
+    scales = [1e12] * 8 + [1e18] * 2
+    with torch.no_grad():  # plain torch, float64 as the reference: finite entries, norm > 1.8e19
+        grad = torch.ones(64, 1, dtype=torch.float64) * torch.full((1, 64), 1e18).double()
+        assert torch.isfinite(grad.float()).all() and grad.norm() > 1.8e19
+        assert torch.linalg.vector_norm(grad.float()) == float("inf")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-30)  # the weights stay where they are
+    with gradwatch.watch(model, opt, run=tmp_path / "run"):
+        for scale in scales:
+            loss = model(torch.full((1, 64), scale)).sum()  # d loss / d W = x, for every row
+            opt.zero_grad()
+            loss.backward()
+            assert torch.isfinite(model[0].weight.grad).all()
+            opt.step()
+    finding = kinds(gradwatch.diagnose(tmp_path / "run"))["nonfinite"]
+    assert finding.first_step == 8 and finding.layers == ["0"], finding
+    cause = finding.causes[0]
+    assert cause.id == "gradient_norm_overflow", [c.text for c in finding.causes]
+    assert "1.8e+19" in cause.text and "inf, not NaN" in cause.text
+    # the norm the step before: 64 x 64 entries of 1e12, 6.4e13
+    assert cause.evidence["step_before"] == 7
+    assert cause.evidence["grad_norm_before"] == pytest.approx(64 * 1e12, rel=1e-5)
+    assert [r.id for r in finding.remedies][:1] == ["clip_grad_norm"]

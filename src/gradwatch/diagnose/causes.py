@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..remedies.catalogue import REMEDIES
-from .findings import Cause, Remedy
+from .findings import Cause, Remedy, agree, layer_names
 from .profile import RunView, nanmedian
 
 SATURATING_KINDS = {"sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign"}
@@ -29,6 +29,7 @@ REMEDIES_FOR: dict[str, list[str]] = {
     "log_of_zero": ["log_softmax"],
     "low_precision_overflow": ["loss_scaling", "clip_grad_norm"],
     "float32_overflow": ["stable_exp", "lower_lr", "clip_grad_norm"],
+    "gradient_norm_overflow": ["clip_grad_norm", "lower_lr"],
     "dead_relu": ["lower_lr", "leaky_relu", "he_init"],
 }
 
@@ -241,3 +242,33 @@ def low_precision_overflow(view: RunView, row: int, col: int) -> Cause | None:
     # Unknown precision: values near float16's ceiling point to it.
     score = 3.0 if precision == "float16" or 1e3 < peak < 1e5 else 1.0
     return Cause("low_precision_overflow", text, score, evidence)
+
+
+# sqrt of float32's largest value: a norm past it squares past 3.4e38, to inf.
+FLOAT32_NORM_LIMIT = 1.8e19
+
+
+def gradient_norm_overflow(view: RunView, row: int, layers: list[str]) -> Cause | None:
+    """A gradient norm of +inf, not NaN: an inf entry, or finite entries too large to square.
+
+    Norms are summed squares in float32 (as ``clip_grad_norm_`` takes them), so a
+    gradient whose entries are all finite reads inf once its norm passes about
+    1.8e19. The norm at the step recorded before says whether it was climbing there.
+    """
+    cols = [view.names.index(name) for name in layers if name in view.names]
+    norms = view.m("grad_norm")
+    if not cols or not np.all(norms[row, cols] == np.inf):
+        return None
+    text = (
+        f"the gradient {agree(layers, 'norm', 'norms')} of {layer_names(layers)} "
+        f"{agree(layers, 'is', 'are')} inf, not NaN: an entry is inf (a division by zero, or a "
+        f"product that exploded), or every entry is finite and the norm passed float32's "
+        f"{FLOAT32_NORM_LIMIT:.1e}, past which its sum of squares overflows"
+    )
+    evidence: dict[str, object] = {"layers": layers}
+    before = float(norms[row - 1, cols].max()) if row else math.nan
+    if math.isfinite(before):
+        step = int(view.steps[row - 1])
+        text += f"; {agree(layers, 'it was', 'the largest was')} {before:.2g} at step {step}"
+        evidence.update(step_before=step, grad_norm_before=before)
+    return Cause("gradient_norm_overflow", text, 2.0, evidence)

@@ -40,7 +40,7 @@ def check(view: RunView) -> list[Finding]:
             " and more" if len(params) > 3 else ""
         )
         layers = list(dict.fromkeys(p.rsplit(".", 1)[0] if "." in p else "(root)" for p in params))
-        found = causes.rank([lr_cause])
+        found = causes.rank([causes.gradient_norm_overflow(view, row, layers), lr_cause])
     else:
         where = "in the loss or a value outside the watched modules"
         layers = []
