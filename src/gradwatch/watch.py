@@ -425,7 +425,8 @@ class Watcher:
         What a later layer absorbs (a -inf that a ReLU zeroes) goes unseen and does no
         harm. A forward that modifies its inputs in place replays differently; one
         that cannot run twice is reported in a warning, and the step keeps its
-        gradient checks.
+        gradient checks. The model's own forward hooks run again: a pre-hook may
+        shape the computation (pruning masks, weight norm), so none is left out.
         """
         hooks = [
             layer.module.register_forward_hook(self._make_replay_hook(layer.index))
