@@ -9,7 +9,10 @@ ratios. A block is 100 steps, two flush periods and one detailed-step period, so
 each block carries its share of gradwatch's flushes and detailed steps. The
 warm-up is two blocks (one with --quick; either takes gradwatch past its dense
 first 100 steps). A method too slow for that schedule (Cockpit) caps its block,
-rounds and warm-up; so do methods that cost the same on every step.
+rounds and warm-up; so do methods that cost the same on every step. A method whose
+work runs on after its step returns (a writer thread, a service process, numpy's
+BLAS threads spinning) would hand that work to the twin's next step if interleaved
+step by step; it runs whole blocks instead (see ``timed_round``).
 
     python bench/overhead.py --quick                 # the MLP only, no Cockpit, under 3 minutes
     python bench/overhead.py --json results.json     # every workload
@@ -32,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +164,31 @@ class Trainer:
             self.instrument.close()
 
 
+def timed_round(
+    trainers: Sequence[Trainer],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    whole_blocks: bool = False,
+) -> list[float]:
+    """One block of steps of each trainer, in order; their times, in the same order.
+
+    The blocks are interleaved step by step, so that a slow spell of the machine lands
+    on both. With ``whole_blocks`` (a method that ``leaves_work`` running after its
+    step) each trainer runs its block in one piece instead, after one untimed step
+    that absorbs whatever the block before it left running; the method's own
+    leftovers then land on its own next step, as they do in training.
+    """
+    times = [0.0] * len(trainers)
+    if whole_blocks:
+        for i, trainer in enumerate(trainers):
+            trainer.step(*batches[0])
+            times[i] = trainer.block(batches)
+        return times
+    for x, y in batches:
+        for i, trainer in enumerate(trainers):
+            times[i] += trainer.step(x, y)
+    return times
+
+
 def measure(
     workload: Workload,
     methods: list[str],
@@ -191,16 +219,14 @@ def measure(
                     watched.block(peer_batches)
                 ratios, twin_times, watched_times = [], [], []
                 for r in range(peer_rounds):
-                    # A round is one block of each, interleaved step by step, so that a
-                    # slow spell of the machine lands on both; which goes first alternates.
-                    first, second = (twin, watched) if r % 2 == 0 else (watched, twin)
-                    times = {id(twin): 0.0, id(watched): 0.0}
-                    for x, y in peer_batches:
-                        times[id(first)] += first.step(x, y)
-                        times[id(second)] += second.step(x, y)
-                    twin_times.append(times[id(twin)])
-                    watched_times.append(times[id(watched)])
-                    ratios.append(times[id(watched)] / times[id(twin)])
+                    # Which goes first alternates from round to round.
+                    order = (twin, watched) if r % 2 == 0 else (watched, twin)
+                    times = dict(
+                        zip(order, timed_round(order, peer_batches, peer.leaves_work), strict=True)
+                    )
+                    twin_times.append(times[twin])
+                    watched_times.append(times[watched])
+                    ratios.append(times[watched] / times[twin])
             finally:
                 watched.close()
             q = statistics.quantiles(ratios, n=4)

@@ -204,6 +204,11 @@ class Peer:
     rounds: int | None = None
     warmup: int | None = None
     quick: bool = True  # part of --quick's default methods
+    # Its work runs on after its step returns: a writer thread, a service process, or
+    # numpy's OpenBLAS threads spinning after a dot product and taking a core from the
+    # next step. Timed step by step against the twin, that work would land on the
+    # twin's steps (TensorBoard read 0.8x on the CNN); overhead.py times it in blocks.
+    leaves_work: bool = False
 
     def available(self) -> bool:
         return self.requires is None or _has(self.requires)
@@ -242,9 +247,13 @@ PEERS: dict[str, Peer] = {
     "detect_anomaly": Peer(lambda run: DetectAnomaly(), comparable=False),
     "lightning_grad_norm": Peer(lambda run: LightningGradNorm(), requires="lightning"),
     # The next two cost the same on every step, so shorter blocks lose nothing.
-    "tensorboard_histograms": Peer(TensorBoardHistograms, requires="tensorboard", block=25),
-    "wandb_watch_100": Peer(lambda run: WandbWatch(run, 100), requires="wandb"),
-    "wandb_watch_1": Peer(lambda run: WandbWatch(run, 1), requires="wandb", block=25),
+    "tensorboard_histograms": Peer(
+        TensorBoardHistograms, requires="tensorboard", block=25, leaves_work=True
+    ),
+    "wandb_watch_100": Peer(lambda run: WandbWatch(run, 100), requires="wandb", leaves_work=True),
+    "wandb_watch_1": Peer(
+        lambda run: WandbWatch(run, 1), requires="wandb", block=25, leaves_work=True
+    ),
     # BackPACK has no per-sample gradients for attention, nor for LSTMs of more than one
     # layer; with BatchNorm they run but mix samples (BackPACK warns). A step takes
     # about 5 s on the MLP, so 3-step blocks keep --quick within minutes.

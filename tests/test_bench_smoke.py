@@ -39,3 +39,34 @@ def test_gpu_check_runs_without_a_gpu(tmp_path):
     table = json.loads((tmp_path / "gpu_overhead.json").read_text())
     assert table["mlp"]["gradwatch_default"]["ratio"] > 0
     assert (tmp_path / "gpu_overhead.md").read_text().startswith("| method | mlp |")
+
+
+def test_a_method_that_leaves_work_running_is_timed_in_whole_blocks(monkeypatch):
+    """Step by step, its leftovers would land on the twin; whole blocks keep them its own."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from overhead import timed_round
+    from peers import PEERS
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self, x, y):
+            calls.append((self.name, x))
+            return 1.0
+
+        def block(self, batches):
+            return sum(self.step(x, y) for x, y in batches)
+
+    twin, watched = Recorder("twin"), Recorder("watched")
+    batches = [(0, None), (1, None), (2, None)]
+    assert timed_round([twin, watched], batches) == [3.0, 3.0]
+    assert calls == [(name, i) for i in range(3) for name in ("twin", "watched")]
+    calls.clear()
+    # Each block starts with one untimed step, which absorbs what the block before left.
+    assert timed_round([watched, twin], batches, whole_blocks=True) == [3.0, 3.0]
+    assert calls == [("watched", i) for i in (0, 0, 1, 2)] + [("twin", i) for i in (0, 0, 1, 2)]
+    assert PEERS["tensorboard_histograms"].leaves_work and PEERS["wandb_watch_1"].leaves_work
+    assert not any(PEERS[m].leaves_work for m in PEERS if m.startswith("gradwatch"))
