@@ -12,7 +12,8 @@ first 100 steps). A method too slow for that schedule (Cockpit) caps its block,
 rounds and warm-up; so do methods that cost the same on every step. A method whose
 work runs on after its step returns (a writer thread, a service process, numpy's
 BLAS threads spinning) would hand that work to the twin's next step if interleaved
-step by step; it runs whole blocks instead (see ``timed_round``).
+step by step; it runs whole blocks instead (see ``timed_round``), and twice the rounds,
+since whole blocks do not cancel drift in the machine's speed.
 
     python bench/overhead.py --quick                 # the MLP only, no Cockpit, under 3 minutes
     python bench/overhead.py --json results.json     # every workload
@@ -210,6 +211,8 @@ def measure(
                 print(f"  {workload.name:12s} {method:24s} not installed", flush=True)
                 continue
             steps, peer_rounds, peer_warmup = peer.schedule(block, rounds, warmup)
+            if peer.leaves_work:  # whole blocks do not cancel drift: twice the rounds
+                peer_rounds *= 2
             peer_batches = batches[:steps]
             twin = Trainer(workload, base, None, device)
             watched = Trainer(workload, base, instrument, device)
