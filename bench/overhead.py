@@ -211,8 +211,6 @@ def measure(
                 print(f"  {workload.name:12s} {method:24s} not installed", flush=True)
                 continue
             steps, peer_rounds, peer_warmup = peer.schedule(block, rounds, warmup)
-            if peer.leaves_work:  # whole blocks do not cancel drift: twice the rounds
-                peer_rounds *= 2
             peer_batches = batches[:steps]
             twin = Trainer(workload, base, None, device)
             watched = Trainer(workload, base, instrument, device)

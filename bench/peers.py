@@ -224,12 +224,17 @@ class Peer:
         return self.workloads is None or workload in self.workloads
 
     def schedule(self, block: int, rounds: int, warmup: int) -> tuple[int, int, int]:
-        """The harness's block, rounds and warm-up, each capped by this method's own."""
+        """The harness's block, rounds and warm-up, each capped by this method's own.
+
+        A method timed in whole blocks (``leaves_work``) gets twice the rounds: whole
+        blocks do not cancel drift in the machine's speed as step-by-step pairs do.
+        """
 
         def cap(n: int, mine: int | None) -> int:
             return n if mine is None else min(n, mine)
 
-        return cap(block, self.block), cap(rounds, self.rounds), cap(warmup, self.warmup)
+        rounds = cap(rounds, self.rounds) * (2 if self.leaves_work else 1)
+        return cap(block, self.block), rounds, cap(warmup, self.warmup)
 
 
 PEERS: dict[str, Peer] = {
