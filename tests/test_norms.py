@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gradwatch.probes.grads import vector_norm
+from gradwatch.probes.grads import BLAS_MIN_NUMEL, GradNormPlan, vector_norm
 
 
 def _reference(tensor: torch.Tensor) -> float:
@@ -50,3 +50,32 @@ def test_non_finite_or_overflowing_entries_give_a_non_finite_norm(value):
     tensor = torch.ones(1000)
     tensor[500] = value
     assert not math.isfinite(float(vector_norm(tensor)))
+
+
+def test_a_plan_mixing_kernels_keeps_each_norm_with_its_parameter():
+    """Large CPU tensors go to BLAS's dot, the rest to _foreach_norm; indices stay paired."""
+    torch.manual_seed(0)
+    big = BLAS_MIN_NUMEL
+    params = [
+        torch.nn.Parameter(torch.randn(big)),
+        torch.nn.Parameter(torch.randn(3)),
+        torch.nn.Parameter(torch.randn(big + 5, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(64, big // 64 + 1)),  # its gradient is transposed
+        torch.nn.Parameter(torch.randn(7, dtype=torch.float16)),
+        torch.nn.Parameter(torch.randn(big)),  # no gradient this step
+    ]
+    for p in params[:5]:
+        p.grad = torch.randn_like(p) * 3
+    params[3].grad = torch.randn(params[3].shape[1], 64).t()
+    plan = GradNormPlan(range(6), params)
+    assert sorted(plan.indices) == list(range(6))
+    for missing in (False, True):
+        if missing:
+            params[5].grad = None
+        else:
+            params[5].grad = torch.randn(big)
+        idx, norms = plan.norms(params)
+        assert sorted(idx) == [i for i in range(6) if params[i].grad is not None]
+        assert (idx is plan.indices) is not missing
+        for i, norm in zip(idx, norms, strict=True):
+            assert math.isclose(float(norm), _reference(params[i].grad), rel_tol=1e-6)

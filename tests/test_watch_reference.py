@@ -72,7 +72,15 @@ def transformer():
     return Encoder(), torch.randn(8, 6, 16), torch.randint(0, 3, (8,))
 
 
-ARCHS = {"mlp": mlp, "cnn_bn": cnn_bn, "lstm": lstm, "transformer": transformer}
+def wide():
+    """A weight large enough for BLAS's dot (probes.grads.BLAS_MIN_NUMEL) beside small ones."""
+    model = nn.Sequential(
+        nn.Linear(12, 256), nn.ReLU(), nn.Linear(256, 160), nn.Tanh(), nn.Linear(160, 3)
+    )
+    return model, torch.randn(64, 12), torch.randint(0, 3, (64,))
+
+
+ARCHS = {"mlp": mlp, "cnn_bn": cnn_bn, "lstm": lstm, "transformer": transformer, "wide": wide}
 OPTIMIZERS = {
     "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-4),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-2),

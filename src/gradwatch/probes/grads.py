@@ -23,6 +23,9 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 # Real dtypes that BLAS's dot takes.
 _BLAS_DTYPES = (torch.float32, torch.float64)
+# Entries from which BLAS's dot beats ATen's norm kernel on the CPU, call overhead
+# included: at 64k entries it takes two thirds of the time, at 256k a third.
+BLAS_MIN_NUMEL = 1 << 15
 
 
 def vector_norm(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -49,6 +52,20 @@ def vector_norm(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch
         flat = tensor.reshape(-1)
         return torch.dot(flat, flat).sqrt_()
     return torch.linalg.vector_norm(tensor, dtype=reduce_in)
+
+
+def blas_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norms of CPU float32 or float64 tensors with BLAS's dot (see :func:`vector_norm`).
+
+    For tensors known to qualify, without :func:`vector_norm`'s checks per tensor;
+    one that is not contiguous is copied first, so the norm is right either way.
+
+    Example:
+        >>> [float(n) for n in blas_norms([torch.ones(4), torch.full((3, 3), 2.0)])]
+        [2.0, 6.0]
+    """
+    with torch.no_grad():  # a gradient made with create_graph=True needs no graph here
+        return [torch.dot(flat, flat).sqrt_() for flat in (t.reshape(-1) for t in tensors)]
 
 
 def grad_norms(
@@ -85,7 +102,10 @@ class GradNormPlan:
 
     Grouping by (device, dtype) costs more Python than the norms themselves on a
     small model, and a parameter's device and dtype (its gradient's too) do not
-    change from step to step; so the groups and their keys are built once.
+    change from step to step; so the groups and their keys are built once. Large
+    float32 and float64 tensors on the CPU form groups of their own, reduced with
+    BLAS's dot (:func:`blas_norms`): ``_foreach_norm`` there runs ATen's norm kernel
+    tensor by tensor, at a third of dot's speed on a 512x512 weight.
 
     Example:
         >>> params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(9))]
@@ -98,11 +118,14 @@ class GradNormPlan:
     """
 
     def __init__(self, indices: Sequence[int], params: Sequence[torch.Tensor]) -> None:
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
         for i in indices:
-            groups.setdefault((params[i].device, params[i].dtype), []).append(i)
-        self.groups = [(idx, norm_dtype(dtype)) for (_, dtype), idx in groups.items()]
-        self.indices = [i for idx, _ in self.groups for i in idx]
+            p = params[i]
+            blas = p.is_cpu and p.dtype in _BLAS_DTYPES and p.numel() >= BLAS_MIN_NUMEL
+            groups.setdefault((p.device, p.dtype, blas), []).append(i)
+        # (positions, dtype to reduce in, whether BLAS's dot reduces them)
+        self.groups = [(idx, norm_dtype(dtype), blas) for (_, dtype, blas), idx in groups.items()]
+        self.indices = [i for idx, _, _ in self.groups for i in idx]
 
     def norms(self, params: Sequence[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
         """(parameter indices, their gradient norms), skipping parameters without a gradient.
@@ -110,24 +133,28 @@ class GradNormPlan:
         When every parameter has a dense gradient (the usual step), the indices
         returned are ``self.indices`` itself, so callers may cache what they derive.
         """
-        if len(self.groups) == 1:
-            idx, dtype = self.groups[0]
-            grads = [params[i].grad for i in idx]
-            if not any(g is None or g.is_sparse for g in grads):
-                return self.indices, torch._foreach_norm(grads, 2, dtype=dtype)
         out_idx: list[int] = []
         out: list[torch.Tensor] = []
-        for idx, dtype in self.groups:
+        every = True
+        for idx, dtype, blas in self.groups:
             grads = [params[i].grad for i in idx]
             if any(g is None or g.is_sparse for g in grads):
+                every = False
                 have = [(i, g) for i, g in zip(idx, grads, strict=True) if g is not None]
                 some_idx, some = grad_norms([i for i, _ in have], [g for _, g in have])
                 out_idx.extend(some_idx)
                 out.extend(some)
             else:
                 out_idx.extend(idx)
-                out.extend(torch._foreach_norm(grads, 2, dtype=dtype))
-        return out_idx, out
+                out.extend(group_norms(grads, dtype, blas))
+        return (self.indices if every else out_idx), out
+
+
+def group_norms(
+    tensors: Sequence[torch.Tensor], dtype: torch.dtype | None, blas: bool
+) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """The norms of one :class:`GradNormPlan` group: dense tensors of one device and dtype."""
+    return blas_norms(tensors) if blas else torch._foreach_norm(tensors, 2, dtype=dtype)
 
 
 # Integer types as wide as each float type: the bits of |x| are all zero exactly where x is +-0.

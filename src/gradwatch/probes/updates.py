@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .grads import GradNormPlan
+from .grads import GradNormPlan, group_norms
 
 
 class UpdateProbe:
@@ -66,11 +66,11 @@ class UpdateProbe:
         update: list[torch.Tensor] = []
         weight: list[torch.Tensor] = []
         with torch.no_grad():
-            for positions, reduce_in in plan.groups:  # foreach takes one device and dtype
+            for positions, reduce_in, blas in plan.groups:  # foreach takes one device and dtype
                 was = [before[k] for k in positions]
-                weight.extend(torch._foreach_norm(was, 2, dtype=reduce_in))
+                weight.extend(group_norms(was, reduce_in, blas))
                 torch._foreach_sub_(was, [now[k] for k in positions])  # now -(update)
-                update.extend(torch._foreach_norm(was, 2, dtype=reduce_in))
+                update.extend(group_norms(was, reduce_in, blas))
                 order.extend(indices[k] for k in positions)
         return order, update, weight
 
