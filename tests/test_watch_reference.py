@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -207,8 +208,11 @@ def test_nonzero_count_agrees_with_torch_on_signed_zeros_nan_and_strides(dtype):
     from gradwatch.probes.grads import nonzero_count
 
     torch.manual_seed(0)
-    x = torch.randn(256, 96).relu().to(dtype)  # large enough for the bit count
+    x = torch.randn(512, 96).relu().to(dtype)  # large enough for the bit count
     x[::5] = -0.0  # -0.0 has a nonzero bit pattern, yet is zero
     x[1, 1], x[2, 2] = float("nan"), float("-inf")
-    for t in (x, x.t(), x[:, ::2], -x):
+    scratch: dict = {}  # reused across calls, by shapes smaller and larger than before
+    for t in (x[:, ::4], x, x[:200], x[:300].t(), -x[:400], x[:, ::2], torch.cat([x, x])):
         assert int(nonzero_count(t)) == int(torch.count_nonzero(t))
+        assert int(nonzero_count(t, scratch)) == int(torch.count_nonzero(t))
+    assert list(scratch) == [(dtype, threading.get_ident())]

