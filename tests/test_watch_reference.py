@@ -185,6 +185,33 @@ def test_dead_units_over_a_flush_window(tmp_path):
     assert dead[-1] >= 20 / 64
 
 
+def saturating():
+    """Sigmoid and tanh layers with units saturated on both sides of their band."""
+    model = nn.Sequential(
+        nn.Linear(12, 300), nn.Sigmoid(), nn.Linear(300, 64), nn.Tanh(), nn.Linear(64, 3)
+    )  # fmt: skip
+    with torch.no_grad():
+        model[0].weight.mul_(40.0)  # pre-activations of about +-20: most past |x| > 6
+        model[2].weight.mul_(40.0)
+    return model, torch.randn(64, 12), torch.randint(0, 3, (64,))
+
+
+def test_saturation_counts_both_tails_of_sigmoid_and_tanh(tmp_path):
+    ARCHS["saturating"] = saturating
+    try:
+        run, ref = train(tmp_path, "saturating", OPTIMIZERS["sgd_momentum"])
+    finally:
+        del ARCHS["saturating"]
+    others = [m for m in METRICS if m != "act_derivative"]
+    assert compare(run, ref, others, RTOL) == []
+    # The mean derivative, 4(sum y - sum y^2) / n for a sigmoid, cancels by the factor
+    # mean(y) / mean(y - y^2), about 30 here: float32 sums' 1e-6 become some 3e-5.
+    assert compare(run, ref, ["act_derivative"], 1e-4) == []
+    for layer in ("1", "3"):
+        frac = run.matrix("saturated_frac")[0, run.layers.index(layer)]
+        assert 0.5 < frac < 1.0, (layer, frac)
+
+
 def test_bf16_autocast_statistics_follow_the_low_precision_outputs(tmp_path):
     torch.manual_seed(0)
     model, x, y = mlp()

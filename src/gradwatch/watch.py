@@ -42,6 +42,7 @@ from .probes.grads import (
 )
 from .probes.numerics import NonFiniteError
 from .probes.recurrent import recurrent_radius
+from .probes.scratch import reusable_like
 from .probes.updates import UpdateProbe
 from .record import PackedStep, StepBuffer, to_host
 from .schedule import as_schedule
@@ -193,8 +194,9 @@ class Watcher:
         self._callback_queued = False
         self._flush_due = False
         self._unit_peak: dict[int, torch.Tensor] = {}
-        # Reused by a detailed step's zero counts (probes.grads.nonzero_count); freed after it.
-        self._abs_scratch: dict = {}
+        # Temporaries of a detailed step's probes, reused from layer to layer and freed
+        # after the step (see probes.scratch).
+        self._scratch: dict = {}
         self._last_measured: _Measured | None = None
         # Layers whose outputs spread widely about their mean, when last measured: their
         # moments need no shift (see _record_output).
@@ -502,7 +504,7 @@ class Watcher:
             # A copy (a later in-place op may change out), and finite, so that an
             # output of -inf still sums to -inf.
             shift = out.reshape(-1)[0].nan_to_num(0.0, 0.0, 0.0)
-            deviation = out - shift
+            deviation = torch.sub(out, shift, out=reusable_like(self._scratch, out))
             total = deviation.sum()
             buf.add(("l", index, "fsum"), total, n)
             buf.add(("l", index, "shift"), shift, n)
@@ -578,11 +580,11 @@ class Watcher:
                 y = y.float()
             self._record_output(index, y, moments=True)
             if sat is not None:
-                buf.add(("l", index, "sat"), sat.saturated_count(y), n)
+                buf.add(("l", index, "sat"), sat.saturated_count(y, self._scratch), n)
                 if sat.from_moments is None:  # else it follows from the moments at flush
                     buf.add(("l", index, "dsum"), sat.derivative(y).sum(), n)
             if rectifier:
-                buf.add(("l", index, "nonzero"), nonzero_count(y, self._abs_scratch), n)
+                buf.add(("l", index, "nonzero"), nonzero_count(y, self._scratch), n)
                 self._track_alive(index, y)
             targets = [index]  # layers whose error this output's gradient is
             on_error = self._make_error_hook(targets)
@@ -701,9 +703,7 @@ class Watcher:
         if buf.detail:
             idx = [k[1] for k in keys]
             grads = [self._params[i].grad for i in idx]
-            buf.extend(
-                [("p", i, "gnonzero") for i in idx], nonzero_counts(grads, self._abs_scratch)
-            )
+            buf.extend([("p", i, "gnonzero") for i in idx], nonzero_counts(grads, self._scratch))
 
     def _add_updates(
         self, indices: list[int], update: list[torch.Tensor], weight: list[torch.Tensor]
@@ -809,7 +809,7 @@ class Watcher:
         self._stepped.clear()
         self._updates.discard()
         self._last_measured = None  # it holds the step's buffer
-        self._abs_scratch.clear()
+        self._scratch.clear()
         self._set_optional_hooks("detail", False)
         if buf.has_grads or (partial and buf.forward_seen):
             packed = buf.pack()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .scratch import reusable_like
+
 # Derivative below this fraction of its maximum counts as saturated (issue #2's definition).
 SATURATION_LEVEL = 0.01
 
@@ -45,12 +47,16 @@ class Saturation:
     band: tuple[float, float] | None = None
     from_moments: Callable | None = None
 
-    def saturated_count(self, y: torch.Tensor) -> torch.Tensor:
-        """Entries whose derivative is below 1% of its maximum (a 0-d tensor)."""
+    def saturated_count(self, y: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
+        """Entries whose derivative is below 1% of its maximum (a 0-d tensor).
+
+        ``scratch`` takes the distance from the band's center (see :mod:`.scratch`).
+        """
         if self.band is None:
             return (self.derivative(y) < SATURATION_LEVEL).sum()
         center, radius = self.band
-        distance = y.abs() if center == 0 else (y - center).abs_()  # a fresh tensor either way
+        out = reusable_like(scratch, y)  # never y itself: it is written in place below
+        distance = torch.abs(y, out=out) if center == 0 else torch.sub(y, center, out=out).abs_()
         return distance.gt_(radius).sum()
 
 
