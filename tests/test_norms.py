@@ -79,3 +79,43 @@ def test_a_plan_mixing_kernels_keeps_each_norm_with_its_parameter():
         assert (idx is plan.indices) is not missing
         for i, norm in zip(idx, norms, strict=True):
             assert math.isclose(float(norm), _reference(params[i].grad), rel_tol=1e-6)
+
+
+def test_a_row_holds_the_plans_norms_in_order_or_is_refused():
+    torch.manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(BLAS_MIN_NUMEL)),
+        torch.nn.Parameter(torch.randn(5)),
+        torch.nn.Parameter(torch.randn(64, BLAS_MIN_NUMEL // 64 + 1)),
+        torch.nn.Parameter(torch.randn(9, dtype=torch.float16)),  # reduced in float32
+    ]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    plan = GradNormPlan(range(4), params)
+    row = plan.norms_row(params)
+    assert row.dim() == 1 and row.dtype == torch.float32
+    for i, norm in zip(plan.indices, row.tolist(), strict=True):
+        assert math.isclose(norm, _reference(params[i].grad), rel_tol=1e-6)
+    params[1].grad = None  # a parameter without a gradient: its slot cannot be filled
+    assert plan.norms_row(params) is None
+    mixed = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4).double())]
+    for p in mixed:
+        p.grad = torch.ones_like(p)
+    assert GradNormPlan([0, 1], mixed).norms_row(mixed) is None  # two dtypes, two rows
+
+
+def test_gradients_made_with_create_graph_are_normed_without_a_graph():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 160), torch.nn.Tanh(), torch.nn.Linear(160, 2))
+    params = list(model.parameters())
+    loss = model(torch.randn(8, 256)).pow(2).sum()
+    for p, g in zip(params, torch.autograd.grad(loss, params, create_graph=True), strict=True):
+        p.grad = g  # as backward(create_graph=True) leaves them, without its warning
+    assert all(p.grad.requires_grad for p in params)
+    plan = GradNormPlan(range(len(params)), params)
+    row = plan.norms_row(params)
+    _, norms = plan.norms(params)
+    assert not row.requires_grad
+    for i, a, b in zip(plan.indices, row.tolist(), norms, strict=True):
+        assert math.isclose(a, _reference(params[i].grad), rel_tol=1e-6)
+        assert math.isclose(float(b.detach()), a, rel_tol=1e-6)

@@ -54,3 +54,30 @@ def test_plain_cpu_steps_are_read_at_flush_in_order_with_the_rest():
     np.testing.assert_array_equal(packed[1].values, [11.0, 12.0])
     np.testing.assert_array_equal(packed[2].values, [21.0, 22.0, 7.5])
     np.testing.assert_array_equal(peak_read, [0.0, 3.0, 4.0])
+
+
+@pytest.mark.parametrize("detail", [True, False], ids=["stacked", "read_at_flush"])
+def test_a_row_of_norms_fills_one_slot_per_key_beside_scalars(detail):
+    """GradNormPlan.norms_row gives a plain CPU step one tensor for all its gradient norms."""
+    buf = StepBuffer(0, detail=detail)
+    buf.add(("s", 0, "loss"), torch.tensor(0.5))
+    buf.add_row([("p", i, "gnorm") for i in range(3)], torch.tensor([1.0, 2.0, 3.0]))
+    buf.add(("l", 0, "fsum"), torch.tensor(-4.0, dtype=torch.float64))
+    buf.stepped = True
+    later = StepBuffer(1, detail=False)
+    later.add_row([("p", i, "gnorm") for i in range(2)], torch.tensor([7.0, 8.0]))
+    later.stepped = True
+    packed = [buf.pack(), later.pack()]
+    to_host(packed)
+    assert len(packed[0].keys) == len(packed[0].values) == 5
+    np.testing.assert_array_equal(packed[0].values, [0.5, 1.0, 2.0, 3.0, -4.0])
+    np.testing.assert_array_equal(packed[1].values, [7.0, 8.0])
+
+
+def test_a_row_among_scalars_off_the_cpu_is_gathered_in_order():
+    buf = StepBuffer(0, detail=False)
+    buf.add(("s", 0, "loss"), torch.tensor(1.0, device="meta"))
+    buf.add_row([("p", 0, "gnorm"), ("p", 1, "gnorm")], torch.zeros(2, device="meta"))
+    buf.stepped = True
+    (gathered,) = buf.pack().scalars
+    assert gathered.device.type == "meta" and gathered.shape == (3,)

@@ -88,13 +88,15 @@ OPTIMIZERS = {
 }
 
 
-def train(tmp_path, arch, make_opt, steps=4, accumulate=1, scaler=None, **watch_kwargs):
+def train(
+    tmp_path, arch, make_opt, steps=4, accumulate=1, scaler=None, mode="full", **watch_kwargs
+):
     torch.manual_seed(0)
     model, x, y = ARCHS[arch]()
     ref = Reference(model)
     opt = make_opt(model.parameters())
     with gradwatch.watch(
-        model, opt, run=tmp_path / "run", mode="full", scaler=scaler, **watch_kwargs
+        model, opt, run=tmp_path / "run", mode=mode, scaler=scaler, **watch_kwargs
     ) as w:
         for _ in range(steps):
             opt.zero_grad()
@@ -124,6 +126,16 @@ def test_metrics_match_plain_autograd(tmp_path, arch, optimizer):
     assert (
         run.matrix("nonfinite")[~torch.isnan(torch.tensor(run.matrix("nonfinite"))).numpy()] == 0
     ).all()
+
+
+@pytest.mark.parametrize("mode", ["default", "grads"])
+@pytest.mark.parametrize("arch", ["wide", "lstm"])
+def test_plain_steps_match_plain_autograd(tmp_path, arch, mode):
+    """Steps 10-19 of the default schedule are plain: their gradient norms share one row."""
+    run, ref = train(tmp_path, arch, OPTIMIZERS["adam"], steps=20, mode=mode)
+    assert compare(run, ref, ["grad_norm"], RTOL) == []
+    rows = {r["step"]: r["detail"] for r in run.step_table()}
+    assert sum(1 for s in range(20) if not rows[s]) == (9 if mode == "default" else 20)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn_bn"])

@@ -2,6 +2,7 @@
 
 Probes append 0-d device tensors to the open :class:`StepBuffer`, each under a key
 ``(scope, index, code)``: scope "p" is a parameter, "l" a layer, "s" the step itself.
+A plain CPU step's gradient norms come as one 1-D row for all their keys.
 Nothing is read back while training runs. At the end of a step the scalars are
 stacked into one tensor per device (:meth:`StepBuffer.pack`; a plain step on the
 CPU keeps them as they are); at flush all packed steps cross to the host in one
@@ -41,6 +42,15 @@ class StepBuffer:
         self.values.append(value)
         self.counts.append(count)
 
+    def add_row(self, keys: Sequence[Key], row: torch.Tensor) -> None:
+        """The values of ``keys`` as the entries of one 1-D tensor, in order.
+
+        Only on plain steps: detailed ones look values up by their key's position.
+        """
+        self.keys.extend(keys)
+        self.values.append(row)
+        self.counts.extend([0] * len(keys))
+
     def extend(self, keys: Sequence[Key], values: Sequence[torch.Tensor]) -> None:
         self.keys.extend(keys)
         self.values.extend(values)
@@ -55,9 +65,10 @@ class StepBuffer:
 
         Stacking now rather than at flush frees a detailed step's hundreds of 0-d
         tensors at once: held across a flush window, they fragment the heap, and a
-        20-layer MLP's peak memory grew by a fifth. A plain step's few CPU scalars (a
-        norm per parameter) are kept as they are and read at the flush, in one warm
-        loop: read here, between two training kernels, they cost twice as much.
+        20-layer MLP's peak memory grew by a fifth. A plain step's few CPU tensors (a
+        row of gradient norms and the loss) are kept as they are and read at the
+        flush, in one warm loop: read here, between two training kernels, they cost
+        twice as much.
         """
         if not self.stepped and self.backward_grads is not None:
             self.extend(*self.backward_grads)
@@ -77,16 +88,27 @@ class StepBuffer:
         )
 
 
+def _read_entries(tensors: Sequence[torch.Tensor], into: list[float]) -> None:
+    """Append the entries of small CPU tensors to ``into``, read one tensor at a time."""
+    for t in tensors:
+        if t.ndim:  # a row of gradient norms (GradNormPlan.norms_row), or a late loss
+            into.extend(t.tolist())
+        else:
+            into.append(t.item())
+
+
 def _stack_scalars(values: list[torch.Tensor]) -> torch.Tensor:
     if all(v.is_cpu for v in values):
         # Nothing to wait for on the CPU, and reading each value costs a sixth of
         # stacking them (stack converts mixed dtypes one tensor at a time). Read
         # exactly: float64 holds every float32 and every count below 2**53.
-        return torch.from_numpy(np.array([v.item() for v in values], dtype=np.float64))
-    try:  # every scalar on one device (the usual case); stack promotes their dtypes
+        entries: list[float] = []
+        _read_entries(values, entries)
+        return torch.from_numpy(np.array(entries, dtype=np.float64))
+    try:  # 0-d values on one device (the usual case); stack promotes their dtypes
         return torch.stack(values)
-    except RuntimeError:  # a model spread over devices: gather them (rare)
-        return torch.stack([t.reshape(()).to(values[0].device) for t in values])
+    except RuntimeError:  # a model spread over devices, or a row among them (rare)
+        return torch.cat([t.reshape(-1).to(values[0].device) for t in values])
 
 
 @dataclass
@@ -96,7 +118,8 @@ class PackedStep:
     keys: list[Key]
     counts: list[int]
     # Tensors whose entries, in order, are the values of ``keys``: the step's stack
-    # (1-D, on its device), or with ``on_host`` its one-element CPU tensors themselves;
+    # (1-D, on its device), or with ``on_host`` its CPU tensors themselves (0-d values
+    # and rows of norms);
     # then any loss logged after the step closed.
     scalars: list[torch.Tensor]
     host_losses: list[float]
@@ -112,12 +135,15 @@ def to_host(steps: Sequence[PackedStep], extra: Sequence[torch.Tensor] = ()) -> 
     the same copy; their host copies are returned in order, flattened.
     """
     on_host = [s for s in steps if s.on_host]
-    if on_host:  # one-element CPU tensors: reading each costs less than stacking them
-        read = np.array([t.item() for s in on_host for t in s.scalars], dtype=np.float64)
-        cursor = 0
+    if on_host:  # small CPU tensors: reading each costs less than stacking them
+        entries: list[float] = []
+        ends = []
         for s in on_host:
-            s.values = read[cursor : cursor + len(s.scalars)]
-            cursor += len(s.scalars)
+            _read_entries(s.scalars, entries)
+            ends.append(len(entries))
+        read = np.array(entries, dtype=np.float64)
+        for s, start, end in zip(on_host, [0, *ends], ends, strict=False):
+            s.values = read[start:end]
         steps = [s for s in steps if not s.on_host]
     pieces = [t.reshape(-1) for s in steps for t in s.scalars] + [e.reshape(-1) for e in extra]
     if not pieces:

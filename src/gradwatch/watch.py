@@ -680,12 +680,15 @@ class Watcher:
             self._opt_params[id(optimizer)] = cached
         return cached[1]
 
-    def _grad_entries(self, indices: Sequence[int]) -> tuple[list, list[torch.Tensor]]:
+    def _grad_plan(self, indices: Sequence[int]) -> tuple[GradNormPlan, list]:
         key = tuple(indices)
         if key not in self._grad_plans:
             plan = GradNormPlan(indices, self._params)
             self._grad_plans[key] = (plan, [("p", i, "gnorm") for i in plan.indices])
-        plan, all_keys = self._grad_plans[key]
+        return self._grad_plans[key]
+
+    def _grad_entries(self, indices: Sequence[int]) -> tuple[list, list[torch.Tensor]]:
+        plan, all_keys = self._grad_plan(indices)
         order, norms = plan.norms(self._params)
         # every gradient present (the usual step): the keys are the plan's own
         keys = all_keys if order is plan.indices else [("p", i, "gnorm") for i in order]
@@ -698,6 +701,14 @@ class Watcher:
 
     def _record_grads(self, indices: list[int]) -> None:
         buf = self._open
+        if not buf.detail and not self.stop_on_nonfinite:
+            # One tensor per step, held until the flush, instead of one per parameter:
+            # 2000 small tensors held over a window of 50 steps fragmented the heap.
+            plan, all_keys = self._grad_plan(indices)
+            row = plan.norms_row(self._params)
+            if row is not None:
+                buf.add_row(all_keys, row)
+                return
         keys, norms = self._grad_entries(indices)
         buf.extend(keys, norms)
         if buf.detail:

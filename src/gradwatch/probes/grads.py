@@ -128,6 +128,43 @@ class GradNormPlan:
         # (positions, dtype to reduce in, whether BLAS's dot reduces them)
         self.groups = [(idx, norm_dtype(dtype), blas) for (_, dtype, blas), idx in groups.items()]
         self.indices = [i for idx, _, _ in self.groups for i in idx]
+        # One dtype for every norm, all on the CPU: they can share one 1-D tensor (norms_row).
+        result = {reduce_in or params[idx[0]].dtype for idx, reduce_in, _ in self.groups}
+        on_cpu = all(params[i].is_cpu for i in self.indices)
+        self.row_dtype = result.pop() if len(result) == 1 and on_cpu else None
+
+    def norms_row(self, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Every gradient norm in one new 1-D tensor, in ``self.indices`` order.
+
+        None when that cannot be: a gradient missing or sparse, or norms of several
+        dtypes or off the CPU. Held until a flush, one tensor per step instead of one
+        per parameter leaves the heap less fragmented, and reads back in one call.
+
+        Example:
+            >>> params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(9))]
+            >>> for p in params:
+            ...     p.grad = torch.ones_like(p)
+            >>> GradNormPlan([0, 1], params).norms_row(params).tolist()
+            [2.0, 3.0]
+        """
+        if self.row_dtype is None:
+            return None
+        grads = [params[i].grad for i in self.indices]
+        if any(g is None or g.is_sparse for g in grads):
+            return None
+        row = torch.empty(len(grads), dtype=self.row_dtype)
+        start = 0
+        with torch.no_grad():  # out= refuses a gradient made with create_graph=True
+            for idx, reduce_in, blas in self.groups:
+                end = start + len(idx)
+                part, dest = grads[start:end], row[start:end]
+                if blas:
+                    squares = [torch.dot(flat, flat) for flat in (g.reshape(-1) for g in part)]
+                    torch.stack(squares, out=dest).sqrt_()
+                else:
+                    torch.stack(torch._foreach_norm(part, 2, dtype=reduce_in), out=dest)
+                start = end
+        return row
 
     def norms(self, params: Sequence[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
         """(parameter indices, their gradient norms), skipping parameters without a gradient.
