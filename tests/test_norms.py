@@ -104,6 +104,18 @@ def test_a_row_holds_the_plans_norms_in_order_or_is_refused():
     assert GradNormPlan([0, 1], mixed).norms_row(mixed) is None  # two dtypes, two rows
 
 
+def test_the_row_of_complex_parameters_holds_their_real_norms():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    row = GradNormPlan([0, 1], params).norms_row(params)
+    assert row.dtype == torch.float32
+    for p, norm in zip(params, row.tolist(), strict=True):
+        expected = float(torch.linalg.vector_norm(p.grad.to(torch.complex128)))
+        assert math.isclose(norm, expected, rel_tol=1e-6)
+
+
 def test_gradients_made_with_create_graph_are_normed_without_a_graph():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(256, 160), torch.nn.Tanh(), torch.nn.Linear(160, 2))

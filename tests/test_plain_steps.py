@@ -144,6 +144,33 @@ def test_gradients_are_read_before_the_optimizer_step(tmp_path):
     assert math.isclose(got, expected, rel_tol=1e-6)
 
 
+def test_a_model_of_complex_parameters_records_real_gradient_norms(tmp_path):
+    """Plain steps hold their norms in one row; a complex weight's norm is real."""
+
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+
+        def forward(self, x):
+            return (x.to(torch.complex64) @ self.w).abs().sum(1)
+
+    torch.manual_seed(0)
+    model = Complex()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    expected = []
+    with gradwatch.watch(model, opt, run=tmp_path) as w:
+        for _ in range(14):  # steps 10-13 are plain
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            expected.append(float(torch.linalg.vector_norm(model.w.grad.to(torch.complex128))))
+            opt.step()
+            w.log(loss=loss)
+    got = gradwatch.open_run(tmp_path).matrix("grad_norm")[:, 0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 def test_act_std_keeps_its_precision_when_the_mean_dwarfs_it(tmp_path):
     # float32 sigmoid outputs near 1 with a spread of ~2e-6: a float32 sum of squares
     # minus the squared mean would lose every digit of the variance (float32 resolves

@@ -129,7 +129,10 @@ class GradNormPlan:
         self.groups = [(idx, norm_dtype(dtype), blas) for (_, dtype, blas), idx in groups.items()]
         self.indices = [i for idx, _, _ in self.groups for i in idx]
         # One dtype for every norm, all on the CPU: they can share one 1-D tensor (norms_row).
-        result = {reduce_in or params[idx[0]].dtype for idx, reduce_in, _ in self.groups}
+        # A complex tensor's norm is real: complex64 gives float32.
+        result = {
+            (reduce_in or params[idx[0]].dtype).to_real() for idx, reduce_in, _ in self.groups
+        }
         on_cpu = all(params[i].is_cpu for i in self.indices)
         self.row_dtype = result.pop() if len(result) == 1 and on_cpu else None
 
