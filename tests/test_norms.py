@@ -131,3 +131,41 @@ def test_gradients_made_with_create_graph_are_normed_without_a_graph():
     for i, a, b in zip(plan.indices, row.tolist(), norms, strict=True):
         assert math.isclose(a, _reference(params[i].grad), rel_tol=1e-6)
         assert math.isclose(float(b.detach()), a, rel_tol=1e-6)
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass that refuses BLAS's dot, as a sharded or quantized one might."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.dot:
+            raise RuntimeError("dot is not implemented for _Tagged")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_tensor_subclass_keeps_to_foreach_norm():
+    torch.manual_seed(0)
+    plain = torch.nn.Parameter(torch.randn(BLAS_MIN_NUMEL))
+    tagged = torch.nn.Parameter(torch.randn(BLAS_MIN_NUMEL)).as_subclass(_Tagged)
+    params = [plain, tagged]
+    plain.grad = torch.randn(BLAS_MIN_NUMEL)
+    tagged.grad = torch.randn(BLAS_MIN_NUMEL).as_subclass(_Tagged)  # a subclass's gradient
+    plan = GradNormPlan([0, 1], params)
+    assert plan.norms_row(params) is None
+    idx, norms = plan.norms(params)
+    for i, norm in zip(idx, norms, strict=True):
+        assert math.isclose(float(norm), _reference(params[i].grad), rel_tol=1e-6)
+
+
+def test_the_scratch_serves_plain_cpu_tensors_only():
+    from gradwatch.probes.scratch import SCRATCH_MAX_NUMEL, reusable_like
+
+    scratch: dict = {}
+    first = reusable_like(scratch, torch.ones(3, 5))
+    again = reusable_like(scratch, torch.ones(15, dtype=torch.float32))
+    assert first.data_ptr() == again.data_ptr() and again.shape == (15,)
+    assert reusable_like(scratch, torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+    assert reusable_like(None, torch.ones(3)) is None
+    assert reusable_like(scratch, torch.ones(3, device="meta")) is None
+    assert reusable_like(scratch, torch.ones(3).as_subclass(_Tagged)) is None
+    assert reusable_like(scratch, torch.empty(SCRATCH_MAX_NUMEL + 1)) is None

@@ -30,6 +30,14 @@ _BLAS_DTYPES = (torch.float32, torch.float64)
 BLAS_MIN_NUMEL = 1 << 15
 
 
+def _plain(tensor: torch.Tensor) -> bool:
+    """Not a tensor subclass (a DTensor, a quantized weight): one that dot and out= take as is.
+
+    A subclass keeps to ``_foreach_norm``, which it is likelier to implement.
+    """
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter)
+
+
 def vector_norm(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """L2 norm of one tensor as a 0-d device tensor, in ``dtype`` or at least float32.
 
@@ -123,7 +131,9 @@ class GradNormPlan:
         groups: dict[tuple[torch.device, torch.dtype, bool], list[int]] = {}
         for i in indices:
             p = params[i]
-            blas = p.is_cpu and p.dtype in _BLAS_DTYPES and p.numel() >= BLAS_MIN_NUMEL
+            blas = (
+                _plain(p) and p.is_cpu and p.dtype in _BLAS_DTYPES and p.numel() >= BLAS_MIN_NUMEL
+            )
             groups.setdefault((p.device, p.dtype, blas), []).append(i)
         # (positions, dtype to reduce in, whether BLAS's dot reduces them)
         self.groups = [(idx, norm_dtype(dtype), blas) for (_, dtype, blas), idx in groups.items()]
@@ -133,8 +143,8 @@ class GradNormPlan:
         result = {
             (reduce_in or params[idx[0]].dtype).to_real() for idx, reduce_in, _ in self.groups
         }
-        on_cpu = all(params[i].is_cpu for i in self.indices)
-        self.row_dtype = result.pop() if len(result) == 1 and on_cpu else None
+        plain = all(_plain(params[i]) and params[i].is_cpu for i in self.indices)
+        self.row_dtype = result.pop() if len(result) == 1 and plain else None
 
     def norms_row(self, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """Every gradient norm in one new 1-D tensor, in ``self.indices`` order.

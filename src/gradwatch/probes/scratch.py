@@ -22,8 +22,8 @@ def reusable_like(scratch: dict | None, tensor: torch.Tensor) -> torch.Tensor | 
     """A contiguous tensor of ``tensor``'s shape and dtype, reused from ``scratch``.
 
     One is kept per dtype and thread (a hook may run on another thread). Returns None,
-    which ``out=`` reads as "allocate", without a scratch, off the CPU, or above
-    :data:`SCRATCH_MAX_NUMEL` entries. Its contents are overwritten by the next caller.
+    which ``out=`` reads as "allocate", without a scratch, for a tensor subclass, off the
+    CPU, or above :data:`SCRATCH_MAX_NUMEL` entries. Its contents are overwritten by the next caller.
 
     Example:
         >>> scratch = {}
@@ -33,7 +33,9 @@ def reusable_like(scratch: dict | None, tensor: torch.Tensor) -> torch.Tensor | 
         (torch.Size([2, 3]), torch.Size([6]), True)
     """
     n = tensor.numel()
-    if scratch is None or not tensor.is_cpu or n > SCRATCH_MAX_NUMEL:
+    if scratch is None or type(tensor) is not torch.Tensor or not tensor.is_cpu:
+        return None  # a tensor subclass may not take a plain tensor as out=
+    if n > SCRATCH_MAX_NUMEL:
         return None
     key = (tensor.dtype, threading.get_ident())
     kept = scratch.get(key)
