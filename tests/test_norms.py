@@ -19,7 +19,8 @@ def _reference(tensor: torch.Tensor) -> float:
     [
         lambda: torch.randn(128, 256),  # contiguous float32: BLAS's dot
         lambda: torch.randn(4, 3, 5, dtype=torch.float64),
-        lambda: torch.randn(256, 128).t(),  # not contiguous: ATen's norm
+        lambda: torch.randn(256, 128).t(),  # dense, not contiguous: dot, in place
+        lambda: torch.randn(256, 128)[:, ::2],  # gapped: ATen's norm
         lambda: torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last),
         lambda: torch.randn(1000, dtype=torch.float16) * 300,  # reduced in float32
         lambda: torch.randn(1000, dtype=torch.bfloat16),
@@ -27,7 +28,18 @@ def _reference(tensor: torch.Tensor) -> float:
         lambda: torch.tensor(-2.5),
         lambda: torch.zeros(0),
     ],
-    ids=["f32", "f64", "transposed", "channels_last", "f16", "bf16", "grad", "0-d", "empty"],
+    ids=[
+        "f32",
+        "f64",
+        "transposed",
+        "sliced",
+        "channels_last",
+        "f16",
+        "bf16",
+        "grad",
+        "0-d",
+        "empty",
+    ],  # fmt: skip
 )
 def test_norm_matches_float64_reference(make):
     torch.manual_seed(0)
@@ -169,3 +181,30 @@ def test_the_scratch_serves_plain_cpu_tensors_only():
     assert reusable_like(scratch, torch.ones(3, device="meta")) is None
     assert reusable_like(scratch, torch.ones(3).as_subclass(_Tagged)) is None
     assert reusable_like(scratch, torch.empty(SCRATCH_MAX_NUMEL + 1)) is None
+
+
+def test_dense_gradients_are_read_in_place_and_the_rest_still_normed():
+    from gradwatch.probes.grads import dense_flat
+
+    torch.manual_seed(0)
+    channels_last = torch.randn(64, 64, 3, 3).to(memory_format=torch.channels_last)
+    transposed = torch.randn(300, 200).t()
+    expanded = torch.randn(1, 40000).expand(3, 40000)  # overlapping: no flat view
+    sliced = torch.randn(400, 200)[:, ::2]  # gapped: no flat view
+    for dense in (channels_last, transposed):
+        flat = dense_flat(dense)
+        assert flat.data_ptr() == dense.data_ptr() and flat.numel() == dense.numel()
+    assert dense_flat(expanded) is None and dense_flat(sliced) is None
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in (channels_last, transposed)]
+    params += [torch.nn.Parameter(torch.empty(3, 40000)), torch.nn.Parameter(torch.empty(400, 100))]
+    for p, g in zip(params, (channels_last, transposed, expanded, sliced), strict=True):
+        p.grad = g
+    plan = GradNormPlan(range(4), params)
+    assert all(blas for _, _, blas in plan.groups)
+    row = plan.norms_row(params)
+    _, norms = plan.norms(params)
+    # ATen's float32 norm, which takes the two without a flat view, rounds 1e5 entries to
+    # about 2e-6 (see test_a_large_float32_tensor_keeps_its_digits); dot stays within 1e-6.
+    for i, a, b in zip(plan.indices, row.tolist(), norms, strict=True):
+        assert math.isclose(a, _reference(params[i].grad), rel_tol=1e-5)
+        assert math.isclose(float(b), a, rel_tol=1e-6)

@@ -41,11 +41,11 @@ def _plain(tensor: torch.Tensor) -> bool:
 def vector_norm(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """L2 norm of one tensor as a 0-d device tensor, in ``dtype`` or at least float32.
 
-    A contiguous float32 or float64 tensor on the CPU is reduced with BLAS's dot: it
-    reads the tensor at about twice the speed of ATen's norm kernel, which shows on
-    the activations and errors of a detailed step (a fifth less of a CNN's), and it
-    is as accurate or more (a 1e7-entry float32 tensor: 4e-6 of the float64 norm,
-    against 5e-5). Both overflow alike, above about 1.8e19 in float32.
+    A dense float32 or float64 tensor on the CPU (:func:`dense_flat`) is reduced with
+    BLAS's dot: it reads the tensor at about twice the speed of ATen's norm kernel,
+    which shows on the activations and errors of a detailed step (a fifth less of a
+    CNN's), and it is as accurate or more (a 1e7-entry float32 tensor: 4e-6 of the
+    float64 norm, against 5e-5). Both overflow alike, above about 1.8e19 in float32.
 
     Example:
         >>> float(vector_norm(torch.tensor([3.0, 4.0])))
@@ -56,26 +56,56 @@ def vector_norm(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch
         reduce_in is None
         and tensor.dtype in _BLAS_DTYPES
         and tensor.is_cpu
-        and tensor.is_contiguous()
         and not tensor.requires_grad
+        and _plain(tensor)
     ):
-        flat = tensor.reshape(-1)
-        return torch.dot(flat, flat).sqrt_()
+        flat = dense_flat(tensor)  # contiguous, channels-last, transposed: read in place
+        if flat is not None:
+            return torch.dot(flat, flat).sqrt_()
     return torch.linalg.vector_norm(tensor, dtype=reduce_in)
+
+
+def dense_flat(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A 1-D view of every entry of ``tensor``, in memory order, or None if there is none.
+
+    A norm does not care about order, so a channels-last gradient or a transposed one
+    (dense, not contiguous) is read where it lies instead of copied by ``reshape``:
+    10 µs against 44 µs for two channels-last 3x3 conv weights of 64 and 128 channels.
+    A tensor with overlapping or gapped entries (an expanded one, a slice) has no such
+    view.
+
+    Example:
+        >>> t = torch.arange(6.0).reshape(2, 3).t()
+        >>> dense_flat(t).tolist(), dense_flat(t[::2]) is None
+        ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0], True)
+    """
+    if tensor.is_contiguous():
+        return tensor.view(-1)
+    order = sorted(range(tensor.dim()), key=tensor.stride, reverse=True)
+    permuted = tensor.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else None
+
+
+def sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
+    """The squared L2 norm of a CPU float32 or float64 tensor, by BLAS's dot where it can."""
+    flat = dense_flat(tensor)
+    if flat is None:
+        return torch.linalg.vector_norm(tensor).square_()
+    return torch.dot(flat, flat)
 
 
 def blas_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """L2 norms of CPU float32 or float64 tensors with BLAS's dot (see :func:`vector_norm`).
 
     For tensors known to qualify, without :func:`vector_norm`'s checks per tensor;
-    one that is not contiguous is copied first, so the norm is right either way.
+    a dense one is read in place (:func:`dense_flat`), any other by ATen's norm.
 
     Example:
         >>> [float(n) for n in blas_norms([torch.ones(4), torch.full((3, 3), 2.0)])]
         [2.0, 6.0]
     """
     with torch.no_grad():  # a gradient made with create_graph=True needs no graph here
-        return [torch.dot(flat, flat).sqrt_() for flat in (t.reshape(-1) for t in tensors)]
+        return [sum_of_squares(t).sqrt_() for t in tensors]
 
 
 def grad_norms(
@@ -172,8 +202,7 @@ class GradNormPlan:
                 end = start + len(idx)
                 part, dest = grads[start:end], row[start:end]
                 if blas:
-                    squares = [torch.dot(flat, flat) for flat in (g.reshape(-1) for g in part)]
-                    torch.stack(squares, out=dest).sqrt_()
+                    torch.stack([sum_of_squares(g) for g in part], out=dest).sqrt_()
                 else:
                     torch.stack(torch._foreach_norm(part, 2, dtype=reduce_in), out=dest)
                 start = end
