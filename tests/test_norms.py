@@ -104,12 +104,19 @@ def test_a_row_holds_the_plans_norms_in_order_or_is_refused():
     for p in params:
         p.grad = torch.randn_like(p) * 3
     plan = GradNormPlan(range(4), params)
-    row = plan.norms_row(params)
-    assert row.dim() == 1 and row.dtype == torch.float32
-    for i, norm in zip(plan.indices, row.tolist(), strict=True):
+    idx, row = plan.norms_row(params)
+    assert idx is plan.indices and row.dim() == 1 and row.dtype == torch.float32
+    for i, norm in zip(idx, row.tolist(), strict=True):
         assert math.isclose(norm, _reference(params[i].grad), rel_tol=1e-6)
-    params[1].grad = None  # a parameter without a gradient: its slot cannot be filled
-    assert plan.norms_row(params) is None
+    params[0].grad = params[1].grad = None  # frozen, say: skipped, the rest kept in order
+    idx, row = plan.norms_row(params)
+    assert idx == [i for i in plan.indices if i in (2, 3)]
+    for i, norm in zip(idx, row.tolist(), strict=True):
+        assert math.isclose(norm, _reference(params[i].grad), rel_tol=1e-6)
+    params[2].grad = params[3].grad = None
+    assert plan.norms_row(params) is None  # nothing to hold
+    params[3].grad = torch.randn(9, dtype=torch.float16).to_sparse()
+    assert plan.norms_row(params) is None  # a sparse gradient: the list path takes it
     mixed = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4).double())]
     for p in mixed:
         p.grad = torch.ones_like(p)
@@ -121,7 +128,7 @@ def test_the_row_of_complex_parameters_holds_their_real_norms():
     params = [torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64)) for _ in range(2)]
     for p in params:
         p.grad = torch.randn_like(p)
-    row = GradNormPlan([0, 1], params).norms_row(params)
+    _, row = GradNormPlan([0, 1], params).norms_row(params)
     assert row.dtype == torch.float32
     for p, norm in zip(params, row.tolist(), strict=True):
         expected = float(torch.linalg.vector_norm(p.grad.to(torch.complex128)))
@@ -137,7 +144,7 @@ def test_gradients_made_with_create_graph_are_normed_without_a_graph():
         p.grad = g  # as backward(create_graph=True) leaves them, without its warning
     assert all(p.grad.requires_grad for p in params)
     plan = GradNormPlan(range(len(params)), params)
-    row = plan.norms_row(params)
+    _, row = plan.norms_row(params)
     _, norms = plan.norms(params)
     assert not row.requires_grad
     for i, a, b in zip(plan.indices, row.tolist(), norms, strict=True):
@@ -201,7 +208,7 @@ def test_dense_gradients_are_read_in_place_and_the_rest_still_normed():
         p.grad = g
     plan = GradNormPlan(range(4), params)
     assert all(blas for _, _, blas in plan.groups)
-    row = plan.norms_row(params)
+    _, row = plan.norms_row(params)
     _, norms = plan.norms(params)
     # ATen's float32 norm, which takes the two without a flat view, rounds 1e5 entries to
     # about 2e-6 (see test_a_large_float32_tensor_keeps_its_digits); dot stays within 1e-6.

@@ -138,6 +138,24 @@ def test_plain_steps_match_plain_autograd(tmp_path, arch, mode):
     assert sum(1 for s in range(20) if not rows[s]) == (9 if mode == "default" else 20)
 
 
+def test_frozen_parameters_the_optimizer_holds_are_skipped_on_plain_steps(tmp_path):
+    """The row of norms holds the parameters with a gradient, each under its own key."""
+
+    def wide_half_frozen():
+        model, x, y = wide()
+        model[2].weight.requires_grad_(False)  # the large one: its group loses a member
+        model[0].bias.requires_grad_(False)
+        return model, x, y
+
+    ARCHS["wide_half_frozen"] = wide_half_frozen
+    try:
+        run, ref = train(tmp_path, "wide_half_frozen", OPTIMIZERS["adam"], steps=14, mode="grads")
+    finally:
+        del ARCHS["wide_half_frozen"]
+    assert compare(run, ref, ["grad_norm"], RTOL) == []
+    assert not math.isnan(run.matrix("grad_norm")[-1, run.layers.index("2")])  # its bias
+
+
 @pytest.mark.parametrize("arch", ["mlp", "cnn_bn"])
 def test_gradient_accumulation_counts_one_step_per_optimizer_step(tmp_path, arch):
     run, ref = train(tmp_path, arch, OPTIMIZERS["adam"], steps=3, accumulate=2)

@@ -705,9 +705,11 @@ class Watcher:
             # One tensor per step, held until the flush, instead of one per parameter:
             # 2000 small tensors held over a window of 50 steps fragmented the heap.
             plan, all_keys = self._grad_plan(indices)
-            row = plan.norms_row(self._params)
-            if row is not None:
-                buf.add_row(all_keys, row)
+            found = plan.norms_row(self._params)
+            if found is not None:
+                order, row = found
+                keys = all_keys if order is plan.indices else [("p", i, "gnorm") for i in order]
+                buf.add_row(keys, row)
                 return
         keys, norms = self._grad_entries(indices)
         buf.extend(keys, norms)

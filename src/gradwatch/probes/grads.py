@@ -176,37 +176,51 @@ class GradNormPlan:
         plain = all(_plain(params[i]) and params[i].is_cpu for i in self.indices)
         self.row_dtype = result.pop() if len(result) == 1 and plain else None
 
-    def norms_row(self, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-        """Every gradient norm in one new 1-D tensor, in ``self.indices`` order.
+    def norms_row(self, params: Sequence[torch.Tensor]) -> tuple[list[int], torch.Tensor] | None:
+        """(parameter indices, every gradient norm in one new 1-D tensor, in that order).
 
-        None when that cannot be: a gradient missing or sparse, or norms of several
-        dtypes or off the CPU. Held until a flush, one tensor per step instead of one
-        per parameter leaves the heap less fragmented, and reads back in one call.
+        Parameters without a gradient (frozen ones that an optimizer holds) are skipped;
+        when none is, the indices are ``self.indices`` itself, as from :meth:`norms`.
+        None when a row cannot be: a sparse gradient, norms of several dtypes, or off
+        the CPU. Held until a flush, one tensor per step instead of one per parameter
+        leaves the heap less fragmented, and reads back in one call.
 
         Example:
             >>> params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(9))]
             >>> for p in params:
             ...     p.grad = torch.ones_like(p)
-            >>> GradNormPlan([0, 1], params).norms_row(params).tolist()
-            [2.0, 3.0]
+            >>> idx, row = GradNormPlan([0, 1], params).norms_row(params)
+            >>> idx, row.tolist()
+            ([0, 1], [2.0, 3.0])
         """
         if self.row_dtype is None:
             return None
-        grads = [params[i].grad for i in self.indices]
-        if any(g is None or g.is_sparse for g in grads):
+        order: list[int] = []
+        parts = []
+        for idx, reduce_in, blas in self.groups:
+            grads = [params[i].grad for i in idx]
+            if any(g is None for g in grads):
+                idx = [i for i, g in zip(idx, grads, strict=True) if g is not None]
+                grads = [g for g in grads if g is not None]
+            if any(g.is_sparse for g in grads):
+                return None
+            if grads:
+                order.extend(idx)
+                parts.append((grads, reduce_in, blas))
+        if not order:
             return None
-        row = torch.empty(len(grads), dtype=self.row_dtype)
+        row = torch.empty(len(order), dtype=self.row_dtype)
         start = 0
         with torch.no_grad():  # out= refuses a gradient made with create_graph=True
-            for idx, reduce_in, blas in self.groups:
-                end = start + len(idx)
-                part, dest = grads[start:end], row[start:end]
+            for grads, reduce_in, blas in parts:
+                end = start + len(grads)
+                dest = row[start:end]
                 if blas:
-                    torch.stack([sum_of_squares(g) for g in part], out=dest).sqrt_()
+                    torch.stack([sum_of_squares(g) for g in grads], out=dest).sqrt_()
                 else:
-                    torch.stack(torch._foreach_norm(part, 2, dtype=reduce_in), out=dest)
+                    torch.stack(torch._foreach_norm(grads, 2, dtype=reduce_in), out=dest)
                 start = end
-        return row
+        return (self.indices if len(order) == len(self.indices) else order), row
 
     def norms(self, params: Sequence[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
         """(parameter indices, their gradient norms), skipping parameters without a gradient.
