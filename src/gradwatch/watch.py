@@ -83,6 +83,15 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _gnorm_keys(plan: GradNormPlan, all_keys: list, order: list[int]) -> list:
+    """The keys of gradient norms returned in ``order``.
+
+    With every gradient present (the usual step) ``order`` is the plan's own index list,
+    and its keys, built once, serve again.
+    """
+    return all_keys if order is plan.indices else [("p", i, "gnorm") for i in order]
+
+
 def _first_tensor(output: Any) -> torch.Tensor | None:
     # The common cases, a tensor or a tuple that starts with one, without flattening a
     # pytree: that costs 20 µs between two training kernels.
@@ -690,8 +699,7 @@ class Watcher:
     def _grad_entries(self, indices: Sequence[int]) -> tuple[list, list[torch.Tensor]]:
         plan, all_keys = self._grad_plan(indices)
         order, norms = plan.norms(self._params)
-        # every gradient present (the usual step): the keys are the plan's own
-        keys = all_keys if order is plan.indices else [("p", i, "gnorm") for i in order]
+        keys = _gnorm_keys(plan, all_keys, order)
         if self.stop_on_nonfinite and norms:
             bad = ~torch.isfinite(torch.stack(norms))
             if bool(bad.any()):  # host sync, opt-in
@@ -708,8 +716,7 @@ class Watcher:
             found = plan.norms_row(self._params)
             if found is not None:
                 order, row = found
-                keys = all_keys if order is plan.indices else [("p", i, "gnorm") for i in order]
-                buf.add_row(keys, row)
+                buf.add_row(_gnorm_keys(plan, all_keys, order), row)
                 return
         keys, norms = self._grad_entries(indices)
         buf.extend(keys, norms)

@@ -59,10 +59,16 @@ def vector_norm(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch
         and not tensor.requires_grad
         and _plain(tensor)
     ):
-        flat = dense_flat(tensor)  # contiguous, channels-last, transposed: read in place
-        if flat is not None:
-            return torch.dot(flat, flat).sqrt_()
+        return _blas_norm(tensor)
     return torch.linalg.vector_norm(tensor, dtype=reduce_in)
+
+
+def _blas_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU float32 or float64 tensor's norm: dot if it is dense, read in place, else ATen's."""
+    flat = dense_flat(tensor)  # contiguous, channels-last, transposed
+    if flat is None:
+        return torch.linalg.vector_norm(tensor)
+    return torch.dot(flat, flat).sqrt_()
 
 
 def dense_flat(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -105,7 +111,7 @@ def blas_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         [2.0, 6.0]
     """
     with torch.no_grad():  # a gradient made with create_graph=True needs no graph here
-        return [sum_of_squares(t).sqrt_() for t in tensors]
+        return [_blas_norm(t) for t in tensors]
 
 
 def grad_norms(
