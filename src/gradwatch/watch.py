@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import __version__
 from .aggregate import Block, Layout, Tally, relative_spread, tally_steps
+from .hooks import OwnHook
 from .layers import RECTIFYING, RECURRENT, Layer, discover_layers, named_roots
 from .probes.activations import Saturation, output_sum, saturation, unit_max
 from .probes.grads import (
@@ -265,15 +266,19 @@ class Watcher:
                 sat = saturation(layer.module, layer.kind)
                 if sat is not None and sat.from_moments is not None:
                     self._moment_derivatives[layer.index] = sat.from_moments
-                hook = self._make_layer_hook(layer, sat)
+                hook = OwnHook(self._make_layer_hook(layer, sat))
                 if self.mode == "full":
                     handles.append(layer.module.register_forward_hook(hook))
                 else:
                     group = "check" if layer.checked_every_step else "detail"
                     self._optional_hooks[group].setdefault(prefix, []).append((layer.module, hook))
-            handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
             handles.append(
-                root.register_forward_hook(self._root_post_hook, with_kwargs=True, always_call=True)
+                root.register_forward_pre_hook(OwnHook(self._root_pre_hook), with_kwargs=True)
+            )
+            handles.append(
+                root.register_forward_hook(
+                    OwnHook(self._root_post_hook), with_kwargs=True, always_call=True
+                )
             )
         # A model's first forward runs hooked (_defers_checks); it may be under way
         # already, when `gradwatch run` adds the model from a global pre-hook.
@@ -335,8 +340,8 @@ class Watcher:
         self._optimizers.append(optimizer)
         self._expected.add(id(optimizer))
         if hooks:
-            self._handles.append(optimizer.register_step_pre_hook(self.on_step_begin))
-            self._handles.append(optimizer.register_step_post_hook(self.on_step_end))
+            self._handles.append(optimizer.register_step_pre_hook(OwnHook(self.on_step_begin)))
+            self._handles.append(optimizer.register_step_post_hook(OwnHook(self.on_step_end)))
 
     def add_scaler(self, scaler: Any) -> None:
         """Tell the watcher about an AMP ``GradScaler`` so it can report unscaled values."""

@@ -1,0 +1,56 @@
+"""Hooks that stay with the watched model and leave its copies alone.
+
+``copy.deepcopy(model)`` (a best-model snapshot, an EMA teacher, ``AveragedModel``)
+copies the model's hook dicts, and ``torch.save(model)`` pickles them. A bound method
+of the watcher would drag the watcher along, open SQLite connection and all, and a
+closure cannot be pickled at all; either way the user's copy raised. A copy is not
+the watched model, so each hook copies and pickles as one that does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+class InertHook:
+    """What a copy of a watched model carries in place of gradwatch's hooks: nothing to do.
+
+    Unpickling one needs gradwatch importable, as any pickled model needs the code of its parts.
+    """
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (InertHook, ())
+
+
+class OwnHook:
+    """A hook of gradwatch's on a model or optimizer, which copies and pickles as :class:`InertHook`.
+
+    Example:
+        >>> import copy, pickle, torch
+        >>> calls = []
+        >>> model = torch.nn.Linear(2, 2)
+        >>> _ = model.register_forward_hook(OwnHook(lambda m, args, out: calls.append(m)))
+        >>> _ = model(torch.ones(2)); _ = copy.deepcopy(model)(torch.ones(2))
+        >>> len(calls), type(pickle.loads(pickle.dumps(model))._forward_hooks.popitem()[1]).__name__
+        (1, 'InertHook')
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> InertHook:
+        return InertHook()
+
+    def __reduce__(self) -> tuple:
+        return (InertHook, ())

@@ -1,0 +1,61 @@
+"""Training patterns users bring that a watcher must not disturb: copies, checkpoints, parametrizations."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.hooks import InertHook
+
+
+def sgd_step(model, opt, x, w=None):
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if w is not None:
+        w.log(loss=loss)
+    return loss
+
+
+def test_copies_of_a_watched_model_work_and_are_not_watched(tmp_path):
+    """An EMA copy, a best-model snapshot and torch.save(model) inside the block used to raise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    with gradwatch.watch(model, opt, run=tmp_path / "run", detail=1) as w:
+        sgd_step(model, opt, x, w)
+        twin = copy.deepcopy(model)
+        reference = copy.deepcopy(model)  # the model before step 1, left alone
+        ema = torch.optim.swa_utils.AveragedModel(model)
+        opt_copy = copy.deepcopy(opt)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for other in (twin, loaded):
+            hooks = [h for m in other.modules() for h in m._forward_hooks.values()]
+            hooks += [h for m in other.modules() for h in m._forward_pre_hooks.values()]
+            assert hooks and all(isinstance(h, InertHook) for h in hooks)
+        # The copies train in train mode with autograd on, and leave the record alone.
+        twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+        for _ in range(2):
+            sgd_step(twin, twin_opt, x)
+            ema(x).sum().backward()
+            opt_copy.step()
+        sgd_step(model, opt, x, w)
+    run = gradwatch.open_run(tmp_path / "run")
+    assert run.steps.tolist() == [0, 1]
+    reference(x).pow(2).mean().backward()
+    expected = [
+        torch.cat([p.grad.flatten() for p in layer.parameters()]).norm().item()
+        for layer in (reference[0], reference[2])
+    ]
+    recorded = run.matrix("grad_norm")[1]
+    np.testing.assert_allclose(recorded[[0, 2]], expected, rtol=1e-5)
