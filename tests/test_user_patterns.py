@@ -59,3 +59,47 @@ def test_copies_of_a_watched_model_work_and_are_not_watched(tmp_path):
     ]
     recorded = run.matrix("grad_norm")[1]
     np.testing.assert_allclose(recorded[[0, 2]], expected, rtol=1e-5)
+
+
+def _train_spectral(run=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 1)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = [torch.randn(8, 4) for _ in range(3)]
+    if run is None:
+        for x in xs:
+            sgd_step(model, opt, x)
+        return model
+    with gradwatch.watch(model, opt, run=run, detail=1) as w:
+        for x in xs:
+            sgd_step(model, opt, x, w)
+    return model
+
+
+def test_spectral_norm_trains_the_same_watched(tmp_path):
+    """Reading a parametrized weight runs spectral_norm's power iteration (in train mode)."""
+    plain, watched = _train_spectral(), _train_spectral(tmp_path / "run")
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_parametrizations_are_part_of_their_layer(tmp_path):
+    """weight_norm's modules compute the weight: not layers, and their originals are the layer's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.Tanh(), nn.Linear(8, 1)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 6)
+    reference = copy.deepcopy(model)
+    with gradwatch.watch(model, opt, run=tmp_path / "run") as w:
+        sgd_step(model, opt, x, w)
+    run = gradwatch.open_run(tmp_path / "run")
+    assert run.layers == ["0", "1", "2"]
+    reference(x).pow(2).mean().backward()
+    grads = torch.cat([p.grad.flatten() for p in reference[0].parameters()])  # g, v and the bias
+    assert grads.numel() == 8 + 6 * 8 + 8
+    np.testing.assert_allclose(run.matrix("grad_norm")[0, 0], grads.norm().item(), rtol=1e-5)
+    assert {info.fan_in for info in run.layer_info if info.name == "0"} == {6}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 # The activation families gradwatch knows how to judge. Keys are module classes.
 SATURATING: dict[type[nn.Module], str] = {
@@ -77,8 +78,18 @@ class Layer:
 
     @property
     def fan_in(self) -> int | None:
-        """Inputs per output unit of the layer's main weight, as ``torch.nn.init`` counts them."""
-        weight = getattr(self.module, "weight", None)
+        """Inputs per output unit of the layer's main weight, as ``torch.nn.init`` counts them.
+
+        A parametrized weight is not read: that would run its parametrization, and
+        spectral_norm's takes a power-iteration step in training mode, changing the
+        training. Its largest original tensor has the weight's shape (spectral_norm,
+        orthogonal, weight_norm's direction).
+        """
+        if parametrize.is_parametrized(self.module, "weight"):
+            originals = self.module.parametrizations["weight"].parameters(recurse=False)
+            weight = max(originals, key=lambda t: t.numel(), default=None)
+        else:
+            weight = getattr(self.module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
             return int(weight.shape[1] * weight[0][0].numel())
         return None
@@ -141,7 +152,15 @@ def discover_layers(
             seen_modules.add(id(module))
             full = ".".join(part for part in (prefix, name) if part) or "(root)"
             layer = Layer(start + len(layers), full, module, root)
-            for pname, p in module.named_parameters(recurse=False):
+            owned = module.named_parameters(recurse=False)
+            if parametrize.is_parametrized(module):
+                # The parametrizations compute the module's weight; they are not layers of
+                # the network, and the originals they hold are the module's parameters.
+                tree = module.parametrizations
+                seen_modules.update(id(m) for m in tree.modules())
+                own = list(owned)
+                owned = own + [(f"parametrizations.{n}", p) for n, p in tree.named_parameters()]
+            for pname, p in owned:
                 if id(p) not in seen_params:
                     seen_params.add(id(p))
                     layer.params.append((f"{full}.{pname}" if full != "(root)" else pname, p))
