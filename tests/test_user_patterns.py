@@ -103,3 +103,46 @@ def test_parametrizations_are_part_of_their_layer(tmp_path):
     assert grads.numel() == 8 + 6 * 8 + 8
     np.testing.assert_allclose(run.matrix("grad_norm")[0, 0], grads.norm().item(), rtol=1e-5)
     assert {info.fan_in for info in run.layer_info if info.name == "0"} == {6}
+
+
+class FailingBackward(torch.autograd.Function):
+    """The identity, whose backward raises when ``fail`` is set (an out-of-memory, say)."""
+
+    fail = False
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if FailingBackward.fail:
+            raise RuntimeError("out of memory (simulated)")
+        return grad
+
+
+def test_a_failed_backward_without_an_optimizer_does_not_stop_the_record(tmp_path):
+    """Each backward pass is a step when updates are hand-written; one that raised used to end them."""
+    torch.manual_seed(0)
+
+    class Fails(nn.Module):  # inside the model: the pass fails after its output's hook ran
+        def forward(self, x):
+            return FailingBackward.apply(x)
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Fails(), nn.Linear(16, 2))
+    skipped = 0
+    with gradwatch.watch(model, run=tmp_path / "run"):
+        for i in range(8):
+            FailingBackward.fail = i == 3
+            loss = model(torch.randn(16, 8)).pow(2).mean()
+            model.zero_grad()
+            try:
+                loss.backward()
+            except RuntimeError:
+                skipped += 1
+                continue
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+    assert skipped == 1
+    assert gradwatch.open_run(tmp_path / "run").steps.tolist() == list(range(7))

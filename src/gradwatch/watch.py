@@ -93,6 +93,12 @@ def _gnorm_keys(plan: GradNormPlan, all_keys: list, order: list[int]) -> list:
     return all_keys if order is plan.indices else [("p", i, "gnorm") for i in order]
 
 
+def _graph_task() -> int:
+    """The id of the backward pass running now (-1 outside one; 0 where torch lacks the call)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current() if current is not None else 0
+
+
 def _first_tensor(output: Any) -> torch.Tensor | None:
     # The common cases, a tensor or a tuple that starts with one, without flattening a
     # pytree: that costs 20 µs between two training kernels.
@@ -201,7 +207,7 @@ class Watcher:
         self._scalers: weakref.WeakSet = weakref.WeakSet()
         self._updates = UpdateProbe()
         self._manual_snapshot = False
-        self._callback_queued = False
+        self._callback_queued: int | None = None  # the backward pass it is queued in
         self._flush_due = False
         self._unit_peak: dict[int, torch.Tensor] = {}
         # Temporaries of a detailed step's probes, reused from layer to layer and freed
@@ -541,13 +547,16 @@ class Watcher:
             self._writer.set_meta({"low_precision": name})
 
     def _arm_backward_end(self, grad: torch.Tensor) -> None:
-        if not self._callback_queued:
-            self._callback_queued = True
+        # A backward pass that raised (a batch skipped on out-of-memory) never runs its
+        # callback: one queued in another backward pass than this one is void.
+        task = _graph_task()
+        if self._callback_queued != task:
+            self._callback_queued = task
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_backward_end(self) -> None:
         """Runs once each backward pass has finished (queued on the autograd engine)."""
-        self._callback_queued = False
+        self._callback_queued = None
         if self._closed:
             return
         buf = self._open
