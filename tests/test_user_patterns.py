@@ -146,3 +146,43 @@ def test_a_failed_backward_without_an_optimizer_does_not_stop_the_record(tmp_pat
                     p -= 0.1 * p.grad
     assert skipped == 1
     assert gradwatch.open_run(tmp_path / "run").steps.tolist() == list(range(7))
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, checkpoint: bool):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.a, self.act, self.b, self.c = (
+            nn.Linear(8, 16),
+            nn.Tanh(),
+            nn.Linear(16, 16),
+            nn.Linear(16, 2),
+        )
+
+    def block(self, x):
+        return self.b(self.act(self.a(x)))
+
+    def forward(self, x):
+        if self.checkpoint:
+            x = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        else:
+            x = self.block(x)
+        return self.c(x)
+
+
+def test_activation_checkpointing_records_what_a_plain_forward_does(tmp_path):
+    """The recomputation inside backward is not a second call of each layer."""
+    runs = {}
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = Checkpointed(checkpoint)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gradwatch.watch(model, opt, run=tmp_path / str(checkpoint), detail=1) as w:
+            for _ in range(3):
+                sgd_step(model, opt, torch.randn(32, 8), w)
+        runs[checkpoint] = gradwatch.open_run(tmp_path / str(checkpoint))
+    assert runs[True].layers == runs[False].layers
+    for metric in ("error_rms", "act_mean", "act_std", "saturated_frac", "grad_norm"):
+        np.testing.assert_allclose(
+            runs[True].matrix(metric), runs[False].matrix(metric), rtol=1e-6, err_msg=metric
+        )

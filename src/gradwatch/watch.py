@@ -93,10 +93,8 @@ def _gnorm_keys(plan: GradNormPlan, all_keys: list, order: list[int]) -> list:
     return all_keys if order is plan.indices else [("p", i, "gnorm") for i in order]
 
 
-def _graph_task() -> int:
-    """The id of the backward pass running now (-1 outside one; 0 where torch lacks the call)."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current() if current is not None else 0
+# The id of the backward pass running now, -1 outside one (and where torch lacks the call).
+_graph_task: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -363,7 +361,12 @@ class Watcher:
         return self.mode != "grads" and bool(self._schedule(step))
 
     def _training(self, root: nn.Module) -> bool:
-        return torch.is_grad_enabled() and root.training
+        """A training forward: autograd on, train mode, and not a recomputation inside backward.
+
+        Activation checkpointing runs the forward again during the backward pass; that
+        rerun is not a step, and measured again its outputs would count twice.
+        """
+        return torch.is_grad_enabled() and root.training and _graph_task() == -1
 
     def _root_pre_hook(self, module: nn.Module, args: Any, kwargs: dict) -> None:
         if self._closed or self._replaying or _compiling() or not self._training(module):
@@ -581,7 +584,7 @@ class Watcher:
         rectifier = isinstance(layer.module, tuple(RECTIFYING))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self._closed or _compiling() or not torch.is_grad_enabled() or not root.training:
+            if self._closed or _compiling() or not self._training(root):
                 return
             out = _first_tensor(output)
             if out is None:
