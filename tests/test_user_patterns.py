@@ -6,6 +6,7 @@ import copy
 import io
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -186,3 +187,30 @@ def test_activation_checkpointing_records_what_a_plain_forward_does(tmp_path):
         np.testing.assert_allclose(
             runs[True].matrix(metric), runs[False].matrix(metric), rtol=1e-6, err_msg=metric
         )
+
+
+def test_a_loss_logged_after_a_mid_run_diagnosis_reaches_its_step(tmp_path):
+    """diagnose() or flush() between opt.step() and log() used to write the step without its loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []  # the ReLU's outputs, by step: the reference for its dead units
+    model[1].register_forward_hook(lambda m, args, out: seen.append(out.detach().amax(0)))
+    losses = []
+    with gradwatch.watch(model, opt, run=tmp_path / "run", detail=1) as w:
+        for step in range(6):
+            loss = sgd_step(model, opt, torch.randn(4, 8))
+            if step == 2:
+                w.diagnose()
+            if step == 4:
+                w.flush()
+            w.log(loss=loss)
+            losses.append(loss.item())
+    run = gradwatch.open_run(tmp_path / "run")
+    np.testing.assert_allclose(run.loss, losses, rtol=1e-6)
+    # The steps held back for their loss keep their part of the dead-unit window: the
+    # last window spans steps 1 to 5, not only those after the last flush.
+    dead = run.matrix("dead_frac")[:, 1]
+    window = torch.stack(seen[1:]).amax(0)
+    assert dead[-1] == pytest.approx((window == 0).float().mean().item())
+    assert dead[-1] < (seen[-1] == 0).float().mean().item()

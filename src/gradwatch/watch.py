@@ -862,8 +862,30 @@ class Watcher:
         )
 
     def flush(self) -> None:
-        """Read the pending statistics back (one host sync) and write them to the store."""
+        """Read the pending statistics back (one host sync) and write them to the store.
+
+        Between ``optimizer.step()`` and the next forward, a step whose loss has not been
+        logged yet stays pending: ``log()`` after the step still gives it its loss.
+        """
+        self._flush(hold_unlogged=True)
+
+    def _flush(self, hold_unlogged: bool = False) -> None:
         self._flush_due = False
+        held = self._pending.pop() if hold_unlogged and self._awaits_loss() else None
+        try:
+            self._write_pending()
+        finally:
+            if held is not None:
+                self._pending.append(held)
+
+    def _awaits_loss(self) -> bool:
+        """Whether the step just closed may still get its loss: no loss yet, no forward since."""
+        if not self._pending or self._open.forward_seen or self._open.stepped:
+            return False
+        last = self._pending[-1]
+        return not last.host_losses and not any(k[2] in ("loss", "sloss") for k in last.keys)
+
+    def _write_pending(self) -> None:
         if self._writer is None or (not self._pending and not self._layers_dirty):
             return
         if self.before_first_flush is not None:
@@ -895,8 +917,8 @@ class Watcher:
             last = self._pending[-1].step
             for i, value in zip(radius, extras[len(peaks) :], strict=True):
                 once.append((last, i, "recurrent_radius", float(value[0])))
-        self._unit_peak.clear()
-        self._last_act_step.clear()
+        for i in dead_layers:  # a step held back for its loss keeps its peaks for the next
+            del self._unit_peak[i], self._last_act_step[i]
         for index, spread in relative_spread(tallies).items():
             if spread >= SPREAD_OUT:
                 self._spread_out.add(index)
@@ -909,10 +931,10 @@ class Watcher:
     def _model_of(self, layer: Layer) -> str:
         return next((prefix for prefix, root in self._roots.items() if root is layer.root), "")
 
-    def _safe_flush(self) -> None:
+    def _safe_flush(self, hold_unlogged: bool = False) -> None:
         """Flush from inside the user's training loop: a failure of ours must not stop it."""
         try:
-            self.flush()
+            self._flush(hold_unlogged)
         except Exception as exc:  # noqa: BLE001 - reported, never raised into training
             lost = len(self._pending)
             self._pending.clear()
@@ -1064,7 +1086,7 @@ class Watcher:
         from .diagnose import diagnose
 
         if not self._closed:
-            self._safe_flush()
+            self._safe_flush(hold_unlogged=True)
         return diagnose(self.run_dir)
 
     def __enter__(self) -> Watcher:
