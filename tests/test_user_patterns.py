@@ -214,3 +214,42 @@ def test_a_loss_logged_after_a_mid_run_diagnosis_reaches_its_step(tmp_path):
     window = torch.stack(seen[1:]).amax(0)
     assert dead[-1] == pytest.approx((window == 0).float().mean().item())
     assert dead[-1] < (seen[-1] == 0).float().mean().item()
+
+
+class MaskedPolicy(nn.Module):
+    """Logits of invalid actions set to -inf: a non-finite output the loss handles."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        valid = torch.tensor([True, True, True, False])
+        return self.head(self.body(x)).masked_fill(~valid, float("-inf"))
+
+
+def _train_masked(run=None):
+    torch.manual_seed(0)
+    model = MaskedPolicy()
+    features = {}
+    model.body.register_forward_hook(lambda m, args, out: features.__setitem__("h", out))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watcher = gradwatch.watch(model, opt, run=run) if run is not None else None
+    for _ in range(12):
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        loss = nn.functional.cross_entropy(model(x), y) + 0.1 * features["h"].pow(2).mean()
+        assert features["h"].requires_grad
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if watcher is not None:
+        watcher.close()
+    return model
+
+
+def test_the_replay_of_a_non_finite_forward_leaves_the_users_forward_hooks_alone(tmp_path):
+    """A feature kept by a forward hook for an auxiliary loss was replaced by the replay's copy."""
+    plain, watched = _train_masked(), _train_masked(tmp_path / "run")
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

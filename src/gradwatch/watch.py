@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from itertools import chain, repeat
@@ -452,9 +453,14 @@ class Watcher:
         What a later layer absorbs (a -inf that a ReLU zeroes) goes unseen and does no
         harm. A forward that modifies its inputs in place replays differently; one
         that cannot run twice is reported in a warning, and the step keeps its
-        gradient checks. The model's own forward hooks run again: a pre-hook may
-        shape the computation (pruning masks, weight norm), so none is left out.
+        gradient checks. The model's own forward pre-hooks run again, since they may
+        shape the computation (pruning masks, weight norm); its forward hooks do not,
+        since they observe it: one that keeps a feature for an auxiliary loss would
+        keep the replay's, which has no gradient, in place of the real one.
         """
+        own_hooks = [(module, module._forward_hooks) for module in root.modules()]
+        for module, _ in own_hooks:
+            module._forward_hooks = OrderedDict()
         hooks = [
             layer.module.register_forward_hook(self._make_replay_hook(layer.index))
             for layer in self.layers
@@ -488,6 +494,8 @@ class Watcher:
             self._replaying = False
             for handle in hooks:
                 handle.remove()
+            for module, forward_hooks in own_hooks:
+                module._forward_hooks = forward_hooks
             for module, name, value in buffers:
                 module._buffers[name] = value
 
