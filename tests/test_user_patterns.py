@@ -253,3 +253,37 @@ def test_the_replay_of_a_non_finite_forward_leaves_the_users_forward_hooks_alone
     plain, watched = _train_masked(), _train_masked(tmp_path / "run")
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_iterations_a_grad_scaler_skips_are_not_steps(tmp_path):
+    """fp16 AMP: a scaler skips the step while it calibrates; those overflows are not the model's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22, growth_interval=4)
+    kept_losses, skipped = [], 0
+    with gradwatch.watch(model, opt, run=tmp_path / "run", scaler=scaler, detail=1) as w:
+        for _ in range(20):
+            x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            w.log(loss=loss)
+            if scaler.get_scale() < before:  # the scaler backs off exactly when it skipped
+                skipped += 1
+            else:
+                kept_losses.append(loss.item())
+            copy.deepcopy(scaler)
+    assert skipped >= 3
+    assert w.scaler_skips == skipped
+    assert "step" not in scaler.__dict__
+    run = gradwatch.open_run(tmp_path / "run")
+    assert len(run.steps) == 20 - skipped
+    np.testing.assert_allclose(run.loss, kept_losses, rtol=1e-6)
+    assert not any(row["nonfinite"] for row in run.step_table())
+    assert run.meta["scaler_skips"] == str(skipped)
+    assert gradwatch.diagnose(tmp_path / "run").healthy

@@ -54,3 +54,35 @@ class OwnHook:
 
     def __reduce__(self) -> tuple:
         return (InertHook, ())
+
+
+class ScalerStepHook:
+    """Wraps one GradScaler's ``step`` so the watcher learns of the steps it skips.
+
+    An AMP GradScaler skips ``optimizer.step()`` when the scaled gradients overflowed
+    (routinely, while it calibrates its scale), so no optimizer hook fires; only the
+    scaler knows. The wrapper lives in the scaler's ``__dict__`` until :meth:`remove`;
+    a copy or pickle of the scaler gets its plain ``step`` back.
+    """
+
+    def __init__(self, scaler: Any, after_step: Callable[[Any, Any], None]) -> None:
+        self.scaler = scaler
+        self.after_step = after_step
+        self._step = type(scaler).step.__get__(scaler)
+        scaler.step = self
+
+    def __call__(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        result = self._step(optimizer, *args, **kwargs)
+        self.after_step(self.scaler, optimizer)
+        return result
+
+    def remove(self) -> None:
+        if self.scaler.__dict__.get("step") is self:
+            del self.scaler.step
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        copy = memo.get(id(self.scaler))  # the scaler's copy, made before its attributes
+        return type(copy).step.__get__(copy) if copy is not None else None
+
+    def __reduce__(self) -> tuple:
+        return (getattr, (self.scaler, "step"))

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import __version__
 from .aggregate import Block, Layout, Tally, relative_spread, tally_steps
-from .hooks import OwnHook
+from .hooks import OwnHook, ScalerStepHook
 from .layers import RECTIFYING, RECURRENT, Layer, discover_layers, named_roots
 from .probes.activations import Saturation, output_sum, saturation, unit_max
 from .probes.grads import (
@@ -226,8 +226,10 @@ class Watcher:
         self._open = StepBuffer(0, self._is_detail(0))
         self._closed = False
         self.nonfinite_steps: list[int] = []
+        self.scaler_skips = 0  # iterations whose optimizer step a GradScaler skipped
+        self._loss_of_skipped = False  # a loss logged now belongs to a skipped iteration
         if scaler is not None:
-            self._scalers.add(scaler)
+            self.add_scaler(scaler)
         if model is not None:
             self.add_model(model)
         for opt in _as_list(optimizer):
@@ -349,8 +351,29 @@ class Watcher:
             self._handles.append(optimizer.register_step_post_hook(OwnHook(self.on_step_end)))
 
     def add_scaler(self, scaler: Any) -> None:
-        """Tell the watcher about an AMP ``GradScaler`` so it can report unscaled values."""
+        """Tell the watcher about an AMP ``GradScaler``: values are reported unscaled, and
+        an iteration whose step the scaler skips (its scaled gradients overflowed) is
+        not a step: what it measured is dropped, and so is a loss logged after it.
+        """
+        if scaler in self._scalers:
+            return
         self._scalers.add(scaler)
+        if callable(getattr(type(scaler), "step", None)):
+            self._handles.append(ScalerStepHook(scaler, self._after_scaler_step))
+
+    def _after_scaler_step(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+        found = state.get("found_inf_per_device") if isinstance(state, dict) else None
+        if self._closed or not found or optimizer not in self._optimizers:
+            return
+        # Host reads of what the scaler has just read itself to decide: no further wait.
+        if not sum(float(v) for v in found.values()):
+            return
+        self.scaler_skips += 1
+        if not self._stepped:  # no optimizer of this round stepped: the iteration is no step
+            self._open = StepBuffer(self.step, self._open.detail)
+            self._last_measured = None
+            self._loss_of_skipped = True
 
     def owns(self, module: nn.Module) -> bool:
         return any(module is r for r in self._roots.values()) or id(module) in {
@@ -384,6 +407,7 @@ class Watcher:
         self._set_optional_hooks("check", not defer)
         self._set_optional_hooks("detail", self._open.detail)
         self._open.forward_seen = True
+        self._loss_of_skipped = False
         # 1 µs: the random state lets a replay draw the same dropout masks.
         self._forwards.append((module, torch.get_rng_state() if defer else None))
 
@@ -830,6 +854,8 @@ class Watcher:
                 f"log(loss=...) takes a scalar; got a tensor of shape {tuple(loss.shape)}"
             )
         buf = self._open
+        if not (buf.forward_seen or buf.stepped) and self._loss_of_skipped:
+            return
         if not (buf.forward_seen or buf.stepped) and self._pending:
             target = self._pending[-1]  # logged after the step closed
             code = "sloss" if scaled else "loss"
@@ -1084,6 +1110,7 @@ class Watcher:
                         "ended": datetime.now().isoformat(timespec="seconds"),
                         "steps": self.steps_recorded,
                         "optimizers": len(self._optimizers),
+                        "scaler_skips": self.scaler_skips,
                     }
                 )
                 self._writer.close()
