@@ -295,9 +295,9 @@ def test_the_replay_draws_the_same_dropout_masks(tmp_path):
         nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 64), NonFiniteWhenArmed()
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    sums = []
-    model[2].register_forward_hook(
-        lambda m, a, out: sums.append(float(out.detach().double().sum()))
+    sums = []  # layer 2's output, seen by a pre-hook of layer 3: the replay runs pre-hooks
+    model[3].register_forward_pre_hook(
+        lambda m, args: sums.append(float(args[0].detach().double().sum()))
     )
     with gradwatch.watch(model, opt, run=tmp_path):
         train_arming_at_bad_step(model, opt, model[3])
