@@ -63,7 +63,7 @@ def test_a_thousand_watch_cycles_leave_no_hooks_and_no_growth(tmp_path):
     x = torch.randn(4, 4)
 
     def cycle(i):
-        with gradwatch.watch(model, opt, run=tmp_path / "runs" / str(i % 3)):
+        with gradwatch.watch(model, opt, run=tmp_path / "runs" / str(i % 3), overwrite=True):
             loss = model(x).pow(2).mean()
             opt.zero_grad()
             loss.backward()

@@ -1,8 +1,10 @@
 """The run store: one SQLite file per run, written in batches, read back as numpy arrays.
 
-The file is ``run.sqlite`` inside the run directory. It uses write-ahead logging and
-one transaction per flush, so after a crash or ``kill -9`` it holds every step up to
-the last flush. Open it with the stdlib ``sqlite3`` or with :func:`open_run`.
+The file is ``run.sqlite`` inside the run directory (see :func:`store_file`). It uses
+write-ahead logging and one transaction per flush, so after a crash or ``kill -9`` it
+holds every step up to the last flush. Open it with the stdlib ``sqlite3`` or with
+:func:`open_run`. A store holds one run: :class:`RunWriter` refuses a store that already
+has steps or layers unless told to overwrite it.
 
 Schema (version 2):
 
@@ -43,7 +45,9 @@ every step; they read the same way.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
@@ -53,6 +57,8 @@ import numpy as np
 
 SCHEMA_VERSION = 2
 FILE_NAME = "run.sqlite"
+# A path with one of these suffixes names the store file itself, not a run directory.
+STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 # Rows per INSERT statement: 100 rows of at most 8 columns stay under SQLite's oldest
 # limit on bound variables (999).
 ROWS_PER_INSERT = 100
@@ -78,13 +84,121 @@ CREATE TABLE IF NOT EXISTS param_metrics (
 
 
 class RunStoreError(ValueError):
-    """The path is not a gradwatch run store, or it cannot be read."""
+    """The path is not a gradwatch run store, or it cannot be read or written."""
+
+
+class RunExistsError(RunStoreError, FileExistsError):
+    """A run store that already holds a run (or one being written) is at the path."""
 
 
 def store_file(path: str | Path) -> Path:
-    """The SQLite file behind a run directory (or the file itself)."""
+    """The SQLite file behind a run path.
+
+    A path is the store file itself when it exists as a file or its name ends in
+    ``.sqlite``, ``.sqlite3`` or ``.db`` (and it is not a directory). Any other path is a
+    run directory, existing or not, and its store is ``run.sqlite`` inside it: ``runs/lr0.1``
+    is the directory ``runs/lr0.1``.
+    """
     path = Path(path)
-    return path / FILE_NAME if path.is_dir() or not path.suffix else path
+    if path.is_file() or (path.suffix.lower() in STORE_SUFFIXES and not path.is_dir()):
+        return path
+    return path / FILE_NAME
+
+
+# Stores open for writing in this process, by resolved path: two watchers writing to
+# one store (a script's own watch() under `gradwatch run --out` at the same path) would
+# mix their steps.
+_writing: weakref.WeakValueDictionary[str, RunWriter] = weakref.WeakValueDictionary()
+
+_STORE_TABLES = {"meta", "layers", "steps"}
+
+
+def _sidecars(file: Path) -> list[Path]:
+    return [file.with_name(file.name + end) for end in ("-wal", "-shm", "-journal")]
+
+
+def _recorded(file: Path) -> tuple[int, int]:
+    """(steps, layers) recorded in an existing store file; (0, 0) for an empty file.
+
+    Raises:
+        RunStoreError: if the file is not a readable gradwatch run store.
+    """
+    if file.stat().st_size == 0:
+        return 0, 0
+    refused = (
+        f"{file} exists and is not a readable gradwatch run store; "
+        "remove it yourself or choose another path"
+    )
+    try:
+        db = _connect_readonly(file)
+    except RunStoreError:
+        raise RunStoreError(refused) from None
+    try:
+        tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables >= _STORE_TABLES:
+            raise RunStoreError(refused)
+        steps = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+        layers = db.execute("SELECT COUNT(*) FROM layers").fetchone()[0]
+    except sqlite3.Error:
+        raise RunStoreError(refused) from None
+    finally:
+        db.close()
+    return int(steps), int(layers)
+
+
+def check_new_store(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Check that a new run can be written at ``path`` (a run directory or store file).
+
+    Returns the store file. Nothing is created or removed.
+
+    Raises:
+        RunExistsError: a store with recorded steps or layers is there and ``overwrite``
+            is false, or another watcher in this process is writing to it.
+        RunStoreError: the path cannot hold a store (a directory where the file goes, a
+            file that is not a gradwatch store, a parent that is a file or not writable).
+    """
+    file = store_file(path)
+    try:
+        if file.is_dir():
+            raise RunStoreError(f"cannot write a run store at {path}: {file} is a directory")
+        ancestor = file.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise RunStoreError(
+                f"cannot write a run store at {path}: {ancestor} is not a directory"
+            )
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise RunStoreError(f"cannot write a run store at {path}: {ancestor} is not writable")
+        if str(file.resolve()) in _writing:
+            raise RunExistsError(
+                f"another watcher in this process is writing the run store at {path}; "
+                "close it first or choose another run directory"
+            )
+        if not file.exists():
+            return file
+        steps, layers = _recorded(file)
+    except RunStoreError:  # RunExistsError is an OSError too
+        raise
+    except OSError as exc:
+        raise RunStoreError(f"cannot write a run store at {path}: {exc}") from None
+    if (steps or layers) and not overwrite:
+        raise RunExistsError(
+            f"{path} already holds a gradwatch run ({steps} steps, {layers} layers); "
+            "to replace it pass --overwrite (overwrite=True from Python), "
+            "or choose another run directory"
+        )
+    return file
+
+
+def fresh_path(path: str | Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... : the first that does not exist yet."""
+    path = Path(path)
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 @dataclass
@@ -109,16 +223,39 @@ class ParamRow:
 
 
 class RunWriter:
-    """Appends flushed steps to a run store. One transaction per flush."""
+    """Appends flushed steps to a run store. One transaction per flush.
 
-    def __init__(self, path: str | Path) -> None:
-        self.file = store_file(path)
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.file)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self.set_meta({"schema_version": SCHEMA_VERSION})
+    Args:
+        path: a run directory or a store file (see :func:`store_file`).
+        overwrite: replace a store already at ``path`` (its ``run.sqlite`` and the
+            ``-wal``/``-shm`` files beside it). Without it, a store that holds steps or
+            layers is refused with :class:`RunExistsError`, so that two runs never mix.
+
+    Raises:
+        RunExistsError: see ``overwrite``; also while another writer of this process
+            has the store open.
+        RunStoreError: the store cannot be created or written at ``path``.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+        self.file = check_new_store(path, overwrite=overwrite)
+        self._db: sqlite3.Connection | None = None
+        try:
+            if overwrite and self.file.exists():
+                for stale in (self.file, *_sidecars(self.file)):
+                    stale.unlink(missing_ok=True)
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.file)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self.set_meta({"schema_version": SCHEMA_VERSION})
+            self._key = str(self.file.resolve())
+        except (OSError, sqlite3.Error) as exc:
+            if self._db is not None:
+                self._db.close()
+            raise RunStoreError(f"cannot write a run store at {path}: {exc}") from None
+        _writing[self._key] = self
 
     def set_meta(self, values: dict[str, object]) -> None:
         with self._db:
@@ -169,7 +306,49 @@ class RunWriter:
             self._db.executemany(head + one, chunk)
 
     def close(self) -> None:
+        if _writing.get(self._key) is self:
+            del _writing[self._key]
         self._db.close()
+
+
+def _shm_refused(exc: sqlite3.Error) -> bool:
+    """Whether a read-only open failed as a WAL store does where its -shm cannot be made."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:  # SQLITE_CANTOPEN (a read-only mount), SQLITE_READONLY_DIRECTORY
+        return code & 0xFF == 14 or code == 1544
+    return any(m in str(exc) for m in ("unable to open database", "attempt to write a readonly"))
+
+
+def _connect_readonly(file: Path) -> sqlite3.Connection:
+    """A read-only connection, by an escaped URI (a path may hold '#', '?' or '%').
+
+    A WAL store in a directory that cannot be written (an archive, a read-only mount, a
+    colleague's directory) fails to open read-only, since SQLite must create its ``-shm``
+    file there. Such a store is
+    opened as immutable instead, which is safe only because no writer can work in that
+    directory, and only when no write-ahead log with unmerged steps lies beside it
+    (immutable reads ignore it).
+    """
+    uri = file.resolve().as_uri()
+    try:
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            db.close()
+            if not _shm_refused(exc) or os.access(file.parent, os.W_OK):
+                raise
+            wal = _sidecars(file)[0]
+            if wal.exists() and wal.stat().st_size > 0:
+                raise RunStoreError(
+                    f"{file} has steps not yet merged from {wal.name}, and its directory is "
+                    "read-only; copy the run directory somewhere writable to read it"
+                ) from None
+            db = sqlite3.connect(f"{uri}?immutable=1", uri=True)
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+    except (sqlite3.Error, OSError) as exc:
+        raise RunStoreError(f"cannot open {file} as a run store: {exc}") from None
 
 
 class Run:
@@ -200,12 +379,20 @@ class Run:
         self.path = store_file(path)
         if not self.path.is_file():
             raise RunStoreError(f"no gradwatch run store at {path} (looked for {self.path})")
+        self._db = _connect_readonly(self.path)
         try:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-            self.meta = {k: v for k, v in self._db.execute("SELECT key, value FROM meta")}
-        except sqlite3.DatabaseError as exc:
-            raise RunStoreError(f"{self.path} is not a gradwatch run store: {exc}") from None
+            self._read()
+        except (sqlite3.Error, RunStoreError) as exc:
+            self._db.close()
+            raise RunStoreError(
+                f"{self.path} is not a gradwatch run store, or it is damaged: {exc}"
+            ) from None
+
+    def _read(self) -> None:
+        self.meta = {k: v for k, v in self._db.execute("SELECT key, value FROM meta")}
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(layers)")}
+        if not columns:
+            raise RunStoreError("no layers table")
         model = "model" if "model" in columns else "''"  # stores written before the column existed
         rows = self._db.execute(
             f"SELECT id, name, type, kind, exec_order, fan_in, n_params, {model} FROM layers "
@@ -230,6 +417,13 @@ class Run:
         ]
         self.params = [r.name for r in self.param_info]
 
+    def _query(self, sql: str, args: Sequence = ()) -> list[tuple]:
+        """All rows of a query; a damaged store raises RunStoreError, not sqlite3's errors."""
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise RunStoreError(f"cannot read {self.path}, it may be damaged: {exc}") from None
+
     def matrix(self, metric: str) -> np.ndarray:
         """A (steps x layers) array of one metric, NaN where it was not measured.
 
@@ -240,20 +434,20 @@ class Run:
             raise KeyError(f"no metric {metric!r} in this run; it has: {', '.join(self.metrics)}")
         query = "SELECT step, layer_id, value FROM layer_metrics WHERE metric = ?"
         if metric != "nonfinite":
-            return self._fill(self._db.execute(query, (metric,)), self._column, len(self.layers))
+            return self._fill(self._query(query, (metric,)), self._column, len(self.layers))
         measured = self._fill(
-            self._db.execute("SELECT DISTINCT step, layer_id, 0.0 FROM layer_metrics"),
+            self._query("SELECT DISTINCT step, layer_id, 0.0 FROM layer_metrics"),
             self._column,
             len(self.layers),
         )
-        flagged = self._fill(self._db.execute(query, (metric,)), self._column, len(self.layers))
+        flagged = self._fill(self._query(query, (metric,)), self._column, len(self.layers))
         return np.where(np.isnan(flagged), measured, flagged)
 
     def param_matrix(self, metric: str) -> np.ndarray:
         """A (steps x params) array of a per-parameter metric (grad_norm, update_norm, weight_norm)."""
         column = {r.id: i for i, r in enumerate(self.param_info)}
         query = "SELECT step, param_id, value FROM param_metrics WHERE metric = ?"
-        return self._fill(self._db.execute(query, (metric,)), column, len(column))
+        return self._fill(self._query(query, (metric,)), column, len(column))
 
     def _fill(self, rows: Iterable[tuple], column: dict[int, int], width: int) -> np.ndarray:
         """Scatter (step, id, value) rows into a (steps x width) array; NULL reads as NaN."""
@@ -273,11 +467,14 @@ class Run:
 
     def step_table(self) -> list[dict]:
         """Every step row as a dict (loss, detail, partial, nonfinite, nonfinite_module, ...)."""
-        cur = self._db.execute("SELECT * FROM steps ORDER BY step")
-        names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, r, strict=True)) for r in cur]
-        for row in rows:
-            row["nonfinite_params"] = json.loads(row["nonfinite_params"] or "[]")
+        try:
+            cur = self._db.execute("SELECT * FROM steps ORDER BY step")
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r, strict=True)) for r in cur]
+            for row in rows:
+                row["nonfinite_params"] = json.loads(row["nonfinite_params"] or "[]")
+        except (sqlite3.Error, ValueError) as exc:
+            raise RunStoreError(f"cannot read {self.path}, it may be damaged: {exc}") from None
         return rows
 
     def close(self) -> None:

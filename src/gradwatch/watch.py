@@ -48,7 +48,7 @@ from .probes.scratch import reusable_like
 from .probes.updates import UpdateProbe
 from .record import PackedStep, StepBuffer, to_host
 from .schedule import as_schedule
-from .store import LayerRow, RunWriter
+from .store import LayerRow, RunWriter, fresh_path
 
 MODES = ("default", "grads", "full")
 # The step-buffer codes of an output's moments: what a block shares with the child
@@ -136,6 +136,7 @@ class Watcher:
         scaler: Any = None,
         stop_on_nonfinite: bool = False,
         meta: Mapping[str, object] | None = None,
+        overwrite: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -148,8 +149,9 @@ class Watcher:
         self.flush_every = flush_every
         self.stop_on_nonfinite = stop_on_nonfinite
         self._schedule = (lambda step: True) if mode == "full" else as_schedule(detail)
-        self.run_dir = Path(run) if run is not None else default_run_dir()
-        self._writer: RunWriter | None = RunWriter(self.run_dir)
+        # A store holds one run: an existing one is replaced only with overwrite=True.
+        self.run_dir = Path(run) if run is not None else fresh_path(default_run_dir())
+        self._writer: RunWriter | None = RunWriter(self.run_dir, overwrite=overwrite)
         self._writer.set_meta(
             {
                 "gradwatch_version": __version__,
@@ -228,12 +230,20 @@ class Watcher:
         self.nonfinite_steps: list[int] = []
         self.scaler_skips = 0  # iterations whose optimizer step a GradScaler skipped
         self._loss_of_skipped = False  # a loss logged now belongs to a skipped iteration
-        if scaler is not None:
-            self.add_scaler(scaler)
-        if model is not None:
-            self.add_model(model)
-        for opt in _as_list(optimizer):
-            self.add_optimizer(opt)
+        try:
+            if scaler is not None:
+                self.add_scaler(scaler)
+            if model is not None:
+                self.add_model(model)
+            for opt in _as_list(optimizer):
+                self.add_optimizer(opt)
+        except BaseException:
+            # A failed watch() leaves no hook behind, nor its store open for writing.
+            self._closed = True
+            self._remove_hooks()
+            self._writer.close()
+            self._writer = None
+            raise
 
     # ----------------------------------------------------------------- attaching
     def add_model(
@@ -1097,11 +1107,7 @@ class Watcher:
             self._safe_flush()
         finally:
             self._closed = True
-            self._detach_optional_hooks()
-            for handle in self._handles + [h for hs in self._root_handles.values() for h in hs]:
-                handle.remove()
-            self._handles.clear()
-            self._root_handles.clear()
+            self._remove_hooks()
             if self._writer is not None:
                 status = "ok" if error is None else f"error: {type(error).__name__}"
                 self._writer.set_meta(
@@ -1115,6 +1121,13 @@ class Watcher:
                 )
                 self._writer.close()
                 self._writer = None
+
+    def _remove_hooks(self) -> None:
+        self._detach_optional_hooks()
+        for handle in self._handles + [h for hs in self._root_handles.values() for h in hs]:
+            handle.remove()
+        self._handles.clear()
+        self._root_handles.clear()
 
     def diagnose(self):
         """Flush and diagnose what has been recorded so far (see :func:`gradwatch.diagnose`)."""
@@ -1198,6 +1211,7 @@ def watch(
     mode: str = "default",
     scaler: Any = None,
     stop_on_nonfinite: bool = False,
+    overwrite: bool = False,
 ) -> Watcher:
     """Watch a model's training: per-layer gradients, errors, activations, updates, non-finite values.
 
@@ -1218,6 +1232,9 @@ def watch(
         scaler: an AMP GradScaler, so that error norms and losses are reported unscaled.
         stop_on_nonfinite: raise :class:`NonFiniteError` at the first inf/NaN, naming the
             module. This syncs with the device every step.
+        overwrite: replace a run already stored at ``run``. Without it, a store there
+            that holds steps or layers raises :class:`gradwatch.store.RunExistsError`
+            (a ``FileExistsError``), so that two runs never mix in one store.
 
     Returns:
         The :class:`Watcher`.
@@ -1246,4 +1263,5 @@ def watch(
         mode=mode,
         scaler=scaler,
         stop_on_nonfinite=stop_on_nonfinite,
+        overwrite=overwrite,
     )
