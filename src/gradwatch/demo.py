@@ -26,6 +26,7 @@ from .remedies import APPLICABLE, apply_remedies
 from .watch import watch
 
 DEPTH, WIDTH = 10, 64
+SUB_RUNS = ("before", "after")  # the two run directories under the demo's out
 LR = 0.02  # with momentum 0.9: the same setting trains the fixed ReLU net to ~99% in 300 steps
 
 
@@ -62,13 +63,19 @@ class Trial:
 
 
 def train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, run_dir: Path, name: str
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    run_dir: Path,
+    name: str,
+    overwrite: bool = False,
 ) -> Trial:
     """SGD on mini-batches of 128 under gradwatch; returns the diagnosis and the losses."""
     generator = torch.Generator().manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     losses = []
-    with watch(model, opt, run=run_dir) as watcher:
+    with watch(model, opt, run=run_dir, overwrite=overwrite) as watcher:
         for _ in range(steps):
             idx = torch.randint(0, len(x), (128,), generator=generator)
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
@@ -109,9 +116,15 @@ def top_applicable_remedies(report: Report) -> list[str]:
 
 
 def run_demo(
-    steps: int = 300, out: Path | None = None, console: Console | None = None
+    steps: int = 300,
+    out: Path | None = None,
+    console: Console | None = None,
+    overwrite: bool = False,
 ) -> tuple[Trial, Trial]:
     """Run the demo and print it; returns the trial before and after the fix.
+
+    The two runs are stored in ``out/before`` and ``out/after``; ``overwrite`` replaces
+    those of an earlier demo there (without it, they raise :class:`gradwatch.store.RunExistsError`).
 
     Example:
         >>> before, after = run_demo(steps=60, console=Console(file=open("/dev/null", "w")))  # doctest: +SKIP
@@ -124,7 +137,7 @@ def run_demo(
     initial = copy.deepcopy(model)
     console.rule("[bold]1. A 10-layer sigmoid MLP on the handwritten digits")
     console.print(f"{len(x)} images from {source}; SGD with momentum, {steps} steps of 128.")
-    before = train(model, x, y, steps, out / "before", "sigmoid")
+    before = train(model, x, y, steps, out / SUB_RUNS[0], "sigmoid", overwrite)
     console.print(before.report)
     fixes = top_applicable_remedies(before.report)
     if not fixes:
@@ -132,7 +145,7 @@ def run_demo(
         return before, before
     console.rule(f"[bold]2. Treat: apply {', '.join(fixes)} and retrain from the same start")
     treated = apply_remedies(copy.deepcopy(initial), fixes)
-    after = train(treated, x, y, steps, out / "after", "+".join(fixes))
+    after = train(treated, x, y, steps, out / SUB_RUNS[1], "+".join(fixes), overwrite)
     console.print(after.report)
     console.rule("[bold]3. Did it help?")
     table = Table()

@@ -12,15 +12,24 @@ watch through torch's global hooks:
   the GradScaler's scale when it came from ``scaler.scale(loss)``).
 
 While the script runs, ``torch.Tensor.backward`` and ``GradScaler.scale`` are wrapped;
-both are restored when it ends, however it ends.
+both are restored when it ends, however it ends. So are SIGTERM and SIGHUP, where the
+script leaves them at their default: they stop the script with an exception, so that the
+record is flushed and the diagnosis shown before gradwatch exits with 128 + the signal.
 """
 
 from __future__ import annotations
 
+import builtins
 import gc
+import io
+import os
+import pkgutil
 import runpy
+import signal
 import sys
+import threading
 import traceback
+import types
 import weakref
 from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
@@ -181,12 +190,54 @@ def _global_name(module: nn.Module) -> str:
     return type(module).__name__.lower()
 
 
+class Terminated(BaseException):
+    """The script was stopped by SIGTERM or SIGHUP (see :func:`run_script`)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextmanager
+def _signals_raise():
+    """SIGTERM and SIGHUP raise :class:`Terminated` in the main thread while the script runs.
+
+    Only where their handler is the default (which kills the process before anything is
+    flushed): a handler the caller installed, or an ignored SIGHUP (``nohup``), is kept.
+    The previous handlers are restored on exit. A process forked meanwhile (a DataLoader
+    worker) dies of the signal as it would have.
+    """
+    saved: dict[int, Any] = {}
+    pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)
+            if signum is not None and signal.getsignal(signum) == signal.SIG_DFL:
+                saved[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
+
+
 def run_script(script: str | Path, args: Sequence[str], watcher: Watcher) -> ScriptResult:
     """Run ``script`` as ``__main__`` with ``sys.argv = [script, *args]`` under ``watcher``.
 
-    The watcher is always closed (flushed) afterwards, also on exceptions and Ctrl-C.
-    The exit code is the script's own: 0, its ``sys.exit`` code, 1 on an uncaught
-    exception (whose traceback is printed, as Python would) or 130 on Ctrl-C.
+    As with ``python script``, ``sys.argv[0]`` is the path as given and ``__file__`` the
+    absolute path. The watcher is always closed (flushed) afterwards, also on exceptions,
+    Ctrl-C, SIGTERM and SIGHUP. The exit code is the process exit status ``python script``
+    would have: 0, its ``sys.exit`` code (modulo 256), 1 on an uncaught exception (whose
+    traceback is printed, as Python would), 130 on Ctrl-C, or 128 + the signal number when
+    SIGTERM or SIGHUP stopped it.
     """
     script = Path(script)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
@@ -195,25 +246,63 @@ def run_script(script: str | Path, args: Sequence[str], watcher: Watcher) -> Scr
     error: BaseException | None = None
     code = 0
     try:
-        with ScriptDiscovery(watcher).installed():
-            runpy.run_path(str(script), run_name="__main__")
+        with _signals_raise(), ScriptDiscovery(watcher).installed():
+            _run_as_main(script)
     except SystemExit as exc:
         code = _exit_code(exc.code)
     except KeyboardInterrupt as exc:
         error, code = exc, 130
+    except Terminated as exc:
+        error, code = exc, 128 + exc.signum
+        print(f"gradwatch: the script was stopped by {exc}", file=sys.stderr)
     except BaseException as exc:  # the script's own failure: report it as Python would
         error, code = exc, 1
-        traceback.print_exc()
+        traceback.print_exception(type(exc), exc, _from_script(exc.__traceback__, script))
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         watcher.close(error=error)
     return ScriptResult(code, watcher, error)
 
 
+def _run_as_main(script: Path) -> None:
+    """Run ``script`` as ``__main__`` the way ``python script`` does.
+
+    ``__file__`` (and the code's file name, in tracebacks) is the absolute path, while
+    ``sys.argv[0]`` stays as given; ``runpy.run_path`` would set both to one path. A
+    zipapp or a compiled file goes to ``runpy.run_path``.
+    """
+    path = os.path.abspath(script)
+    if path.endswith((".pyc", ".pyo")) or pkgutil.get_importer(path) is not None:
+        runpy.run_path(str(script), run_name="__main__")
+        return
+    with io.open_code(path) as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __builtins__=builtins)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
+def _from_script(tb: types.TracebackType | None, script: Path) -> types.TracebackType | None:
+    """A traceback from the script's first frame on, as ``python script`` prints it."""
+    path = os.path.abspath(script)
+    while tb is not None and tb.tb_frame.f_code.co_filename != path:
+        tb = tb.tb_next
+    return tb
+
+
 def _exit_code(code: object) -> int:
+    """The process exit status Python gives ``sys.exit(code)``."""
     if code is None:
         return 0
-    if isinstance(code, int):
-        return code
+    if isinstance(code, int):  # bool too: True is 1
+        if os.name != "posix":
+            return int(code)
+        return int(code) & 0xFF if -(2**63) <= code < 2**63 else 255  # as CPython's C long
     print(code, file=sys.stderr)
     return 1

@@ -140,7 +140,7 @@ def phase(
             "--output",
             "-o",
             help="Write an offline HTML heatmap (plotly, JS embedded) here instead of a "
-            "terminal summary. Needs: pip install 'gradwatch[html]'.",
+            "terminal summary. Needs: pip install 'gradwatch\\[html]'.",
         ),
     ] = None,
 ) -> None:
