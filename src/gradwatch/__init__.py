@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 from .diagnose import Finding, Remedy, Report, diagnose  # noqa: E402
 from .probes.numerics import NonFiniteError  # noqa: E402
 from .schedule import Schedule  # noqa: E402
-from .store import Run, RunStoreError, open_run  # noqa: E402
+from .store import Run, RunExistsError, RunStoreError, open_run  # noqa: E402
 from .watch import Watcher, watch  # noqa: E402
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "Remedy",
     "Report",
     "Run",
+    "RunExistsError",
     "RunStoreError",
     "Schedule",
     "Watcher",

@@ -1233,7 +1233,7 @@ def watch(
         stop_on_nonfinite: raise :class:`NonFiniteError` at the first inf/NaN, naming the
             module. This syncs with the device every step.
         overwrite: replace a run already stored at ``run``. Without it, a store there
-            that holds steps or layers raises :class:`gradwatch.store.RunExistsError`
+            that holds steps or layers raises :class:`gradwatch.RunExistsError`
             (a ``FileExistsError``), so that two runs never mix in one store.
 
     Returns:
