@@ -287,3 +287,44 @@ def test_iterations_a_grad_scaler_skips_are_not_steps(tmp_path):
     assert not any(row["nonfinite"] for row in run.step_table())
     assert run.meta["scaler_skips"] == str(skipped)
     assert gradwatch.diagnose(tmp_path / "run").healthy
+
+
+def test_a_gradient_penalty_pass_is_not_part_of_the_error(tmp_path):
+    """autograd.grad through a layer's output (WGAN-GP, R1) runs its tensor hooks too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    true_errors = []
+    with gradwatch.watch(model, opt, run=tmp_path / "run", detail=1) as w:
+        for _ in range(3):
+            x = torch.randn(16, 8, requires_grad=True)
+            out = model(x)
+            (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+            seen = []  # hooked after the penalty's pass: the loss's error alone
+            out.register_hook(lambda g, seen=seen: seen.append(g.norm().item()))
+            loss = out.mean() + 10 * (gx.norm(dim=1) - 1).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+            true_errors.append(seen[0])
+    run = gradwatch.open_run(tmp_path / "run")
+    np.testing.assert_allclose(run.matrix("error_norm")[:, 2], true_errors, rtol=1e-5)
+
+
+def test_errors_of_a_frozen_model_are_kept(tmp_path):
+    """With no parameter to accumulate into (an adversarial input), every pass's error counts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).requires_grad_(False)
+    x = torch.randn(4, 8, requires_grad=True)
+    opt = torch.optim.SGD([x], lr=0.1)
+    true_errors = []
+    with gradwatch.watch(model, opt, run=tmp_path / "run", detail=1):
+        for _ in range(3):
+            out = model(x)
+            out.register_hook(lambda g: true_errors.append(g.norm().item()))
+            opt.zero_grad()
+            out.pow(2).sum().backward()
+            opt.step()
+    run = gradwatch.open_run(tmp_path / "run")
+    np.testing.assert_allclose(run.matrix("error_norm")[:, 2], true_errors, rtol=1e-5)

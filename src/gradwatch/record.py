@@ -36,6 +36,10 @@ class StepBuffer:
         self.stepped = False
         # Gradients read at the end of a backward pass, used only when no optimizer steps.
         self.backward_grads: tuple[list[Key], list[torch.Tensor]] | None = None
+        # (position in keys, backward pass) of each error, and the passes that accumulated
+        # into the watched parameters' gradients (detailed steps only).
+        self.error_passes: list[tuple[int, int]] = []
+        self.accumulating: set[int] = set()
 
     def add(self, key: Key, value: torch.Tensor, count: int = 0) -> None:
         self.keys.append(key)
@@ -55,6 +59,23 @@ class StepBuffer:
         self.keys.extend(keys)
         self.values.extend(values)
         self.counts.extend([0] * len(keys))
+
+    def drop_errors_of_other_passes(self) -> None:
+        """Keep only the errors of backward passes that accumulated into the parameters.
+
+        Gradients that ``torch.autograd.grad`` computed through a layer's output (a
+        gradient penalty, say) are not the loss's error there. When no pass accumulated
+        (every watched parameter frozen), every error is kept.
+        """
+        if not self.accumulating or not self.error_passes:
+            return
+        drop = {k for k, task in self.error_passes if task not in self.accumulating}
+        if drop:
+            keep = [k for k in range(len(self.keys)) if k not in drop]
+            self.keys = [self.keys[k] for k in keep]
+            self.values = [self.values[k] for k in keep]
+            self.counts = [self.counts[k] for k in keep]
+        self.error_passes = []
 
     @property
     def has_grads(self) -> bool:
