@@ -11,6 +11,11 @@ layers in execution order and asks for three things:
 * no single layer accounts for most of it: a cliff at one layer (units that died,
   a frozen block) is not a compounding gain, and other rules name it.
 
+A layer whose error RMS is exactly 0 has no logarithm and stays out of the fit (a
+zero must not make a cliff). In a vanishing episode, zeros on the input side of the
+most starved measured layer are the same shrinking error gone below float32's range:
+those layers are named first among the affected ones, and counted in the depth.
+
 The weight-gradient norm is not used here: it is the product of the error and the
 layer's input, so a net whose forward signal shrinks while its error grows can show
 flat weight gradients while it vanishes (the deep linear net with W = 0.5 I).
@@ -18,6 +23,7 @@ flat weight gradients while it vanishes (the deep linear net with W = 0.5 I).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,12 +75,31 @@ def depth_episodes(view: RunView, direction: int) -> list[DepthEpisode]:
     return episodes
 
 
+def _underflowed(profile: DepthProfile) -> list[int]:
+    """Zero-error layers before (input side of) the most starved layer that still has an error."""
+    weakest = profile.layers[int(np.argmin(profile.log_rms))]
+    return [c for c in profile.zeros if c < weakest]  # columns are in execution order
+
+
+def underflowed_layers(episode: DepthEpisode) -> list[int]:
+    """Columns whose error underflowed to exactly 0 on most steps of a vanishing episode."""
+    if episode.direction < 0:
+        return []  # a growing error does not underflow on its way to the input
+    counts = Counter(c for p in episode.hits for c in _underflowed(p))
+    return sorted(c for c, n in counts.items() if n >= 0.5 * len(episode.hits))
+
+
 def affected_layers(view: RunView, episode: DepthEpisode) -> list[str]:
-    """Layers whose error is 100x off the best-served layer, the worst first."""
+    """Layers whose error is 100x off the best-served layer, the worst first.
+
+    Layers whose error underflowed to zero come first, the one nearest the input first.
+    """
+    zeros = underflowed_layers(episode)
     by_layer: dict[int, list[float]] = {}
     for p in episode.hits:
         for col, value in zip(p.layers, p.log_rms, strict=True):
-            by_layer.setdefault(col, []).append(float(value))
+            if col not in zeros:
+                by_layer.setdefault(col, []).append(float(value))
     medians = {col: float(np.median(v)) for col, v in by_layer.items()}
     if episode.direction > 0:
         best = max(medians.values())
@@ -82,20 +107,23 @@ def affected_layers(view: RunView, episode: DepthEpisode) -> list[str]:
     else:
         best = min(medians.values())
         worst = sorted(((-v, c) for c, v in medians.items() if v >= best + ORDERS))
-    return [view.names[c] for _, c in worst]
+    return [view.names[c] for c in zeros] + [view.names[c] for _, c in worst]
 
 
 def episode_evidence(view: RunView, episode: DepthEpisode) -> dict:
     gains = [p.gain_per_layer for p in episode.hits]
     spans = [p.span for p in episode.hits]
     first = episode.hits[0]
+    zeros = underflowed_layers(episode)
     return {
         "gain_per_layer": round(float(np.median(gains)), 4),
-        "orders_of_magnitude_across_depth": round(float(np.median(spans)), 2),
-        "layers_in_profile": len(first.layers),
+        # A size, positive either way: the finding's kind says which way the error goes.
+        "orders_of_magnitude_across_depth": round(episode.direction * float(np.median(spans)), 2),
+        "layers_in_profile": len(set(first.layers) | set(zeros)),
+        "layers_error_underflowed": [view.names[c] for c in zeros],
         "steps_with_pathology": len(episode.hits),
         "steps_judged": episode.judged,
-        "error_rms_first_layer": float(10 ** first.log_rms[0]),
+        "error_rms_first_layer": 0.0 if zeros else float(10 ** first.log_rms[0]),
         "error_rms_last_layer": float(10 ** first.log_rms[-1]),
         "profile_step": first.step,
     }

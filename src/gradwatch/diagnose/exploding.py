@@ -5,7 +5,10 @@ towards the input (see depth.py). Over time: a layer's gradient norm jumps to
 ``SPIKE`` times its running median, which recurrent nets show when a sequence
 drives the hidden state into a region of large Jacobians. A single spike counts
 only when harm follows it (the run turns non-finite soon after); otherwise it
-has to recur.
+has to recur. A spike at a step whose logged loss is itself ``LOSS_SPIKE`` times its
+running median is the batch's doing (a mislabelled or outlying sample carries a
+large error), not a gain inside the network: it does not count towards recurrence,
+unless harm follows it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .profile import WARMUP_STEPS, RunView
 SPIKE = 100.0  # two orders of magnitude above the recent median
 HISTORY = 20  # steps in the running median
 HARM_WITHIN = 10  # steps from a spike to the first inf/NaN for the spike to count alone
+LOSS_SPIKE = 10.0  # a batch loss an order of magnitude above the running median
 
 
 def spikes(view: RunView) -> dict[int, list[tuple[int, float]]]:
@@ -65,12 +69,42 @@ def spikes(view: RunView) -> dict[int, list[tuple[int, float]]]:
     return found
 
 
+def batch_explained(view: RunView, row: int) -> bool:
+    """Whether the batch at ``row`` explains its spike: its loss alone stands out.
+
+    The loss logged at ``row`` is ``LOSS_SPIKE`` times the median of the last
+    ``HISTORY`` logged losses, and the next logged loss is back below that: weights
+    that blew up would keep the next batch's loss high too. Judged only where these
+    losses (at least three in the window) are finite and positive.
+    """
+    loss = view.loss
+    window = loss[max(0, row - HISTORY) : row]
+    window = window[~np.isnan(window)]  # steps without a logged loss
+    after = loss[row + 1 :][~np.isnan(loss[row + 1 :])][:1]
+    if window.size < 3 or not after.size:
+        return False
+    if not (np.isfinite(window).all() and (window > 0).all() and np.isfinite(loss[row])):
+        return False
+    bar = LOSS_SPIKE * float(np.median(window))
+    return bool(loss[row] >= bar and np.isfinite(after[0]) and after[0] < bar)
+
+
 def _over_time(view: RunView) -> Finding | None:
-    found = spikes(view)
+    bad = view.first_nonfinite_row
+    found = {}
+    for col, hits in spikes(view).items():
+        kept = [
+            (r, x)
+            for r, x in hits
+            if not np.isfinite(x)
+            or (bad is not None and r <= bad <= r + HARM_WITHIN)
+            or not batch_explained(view, r)
+        ]
+        if kept:
+            found[col] = kept
     if not found:
         return None
     first_row = min(r for hits in found.values() for r, _ in hits)
-    bad = view.first_nonfinite_row
     harmed = bad is not None and first_row <= bad <= first_row + HARM_WITHIN
     recurring = max(len(h) for h in found.values()) >= 3
     if not (harmed or recurring):
@@ -131,7 +165,7 @@ def check(view: RunView) -> list[Finding]:
         )
         summary = (
             f"The backpropagated error grows by {ev['gain_per_layer']:.2g}x per layer on its way to the input: "
-            f"{-ev['orders_of_magnitude_across_depth']:.1f} orders of magnitude across {ev['layers_in_profile']} "
+            f"{ev['orders_of_magnitude_across_depth']:.1f} orders of magnitude across {ev['layers_in_profile']} "
             f"layers, from step {episode.first_step}."
         )
         findings.append(

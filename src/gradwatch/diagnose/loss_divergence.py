@@ -6,7 +6,7 @@ import numpy as np
 
 from . import causes
 from .findings import Finding
-from .profile import RunView
+from .profile import RunView, loss_start
 
 RISE = 2.0  # the end of the run at twice its best level and 1.5x its start
 
@@ -29,7 +29,7 @@ def check(view: RunView) -> list[Finding]:
         summary = f"The loss diverged to {value} at step {step}."
         evidence = {"step": step, "last_finite_loss": float(finite[-1]) if finite.size else None}
     elif finite.size >= 10 and view.optimizers <= 1:  # several objectives: no single loss to climb
-        start, best = float(np.median(finite[:5])), float(np.min(finite))
+        start, best = loss_start(finite), float(np.min(finite))
         end = float(np.median(finite[-max(5, finite.size // 10) :]))
         if not (end > RISE * best and end > 1.5 * start and end > 0):
             return []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -12,6 +12,7 @@ from ..store import Run
 
 # A step must be followed by this many recorded steps before a spike counts (a short grace).
 WARMUP_STEPS = 5
+BLOWN_UP = 10.0  # early losses an order of magnitude above the first: updates, not noise
 
 
 def theil_sen_slope(x: np.ndarray, y: np.ndarray) -> float:
@@ -28,6 +29,20 @@ def nanmedian(values: np.ndarray, axis: int | None = None) -> np.ndarray | float
         return np.nanmedian(values, axis=axis)
 
 
+def loss_start(loss: np.ndarray) -> float:
+    """Where a run's loss started: the median of its first five values, unless they blew up.
+
+    The median of five is robust to one odd batch, but a blow-up in the first steps
+    (27 after a start at 1.4) becomes the start, and a run that ends where it began
+    reads as progress. The first loss is taken before any update, so no learning rate
+    can have raised it; when the median is ``BLOWN_UP`` times above it, no batch noise
+    put it there, and the first loss is the start. Short of that, a first batch that
+    happened to score low does not set the bar.
+    """
+    first, median = float(loss[0]), float(np.median(loss[:5]))
+    return first if first > 0 and median > BLOWN_UP * first else median
+
+
 @dataclass
 class DepthProfile:
     """How the backpropagated error changes along a model's parametrised layers at one step.
@@ -35,7 +50,9 @@ class DepthProfile:
     ``log_rms`` holds log10 of the error RMS of each layer in ``layers`` (execution order,
     input side first). ``trend`` is the robust change in orders of magnitude from the
     first layer to the last (slope x (n - 1)); positive means the error grows towards
-    the output, i.e. it shrinks on its way back to the input.
+    the output, i.e. it shrinks on its way back to the input. ``zeros`` holds the
+    layers whose error RMS was exactly 0: they have no logarithm, so the fit leaves
+    them out, and the rules decide what a zero means.
     """
 
     step: int
@@ -44,6 +61,7 @@ class DepthProfile:
     trend: float
     span: float
     largest_jump: float
+    zeros: list[int] = field(default_factory=list)
 
     @property
     def gain_per_layer(self) -> float:
@@ -116,8 +134,9 @@ class RunView:
         trend = theil_sen_slope(pos, logs) * (len(logs) - 1)
         jumps = np.diff(logs)
         largest = float(jumps.max() if trend >= 0 else -jumps.min())
+        zeros = [c for c, r in zip(columns, rms, strict=True) if r == 0]
         return DepthProfile(
-            int(self.steps[row]), layers, logs, trend, float(logs[-1] - logs[0]), largest
+            int(self.steps[row]), layers, logs, trend, float(logs[-1] - logs[0]), largest, zeros
         )
 
     @cached_property

@@ -5,13 +5,18 @@ probe's definition). A layer is flagged when, over the judged steps, the median
 fraction of saturated units is at least ``LEVEL``, or the median of the layer's mean
 derivative (over its maximum) is at most ``LOW_DERIVATIVE``: either way the layer
 passes a small fraction of the gradient its activation could pass.
+
+A model's output activation is exempt unless the loss plateaus: a sigmoid or tanh
+whose output is the model's output saturates whenever the model is confident and
+right, and paired with its loss (BCE on a sigmoid) the gradient at the logit is
+p - y, so nothing is lost; "use ReLU" would break the probability it outputs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import causes
+from . import causes, loss_plateau
 from .findings import Finding, layer_names
 from .profile import RunView, nanmedian
 
@@ -19,14 +24,35 @@ LEVEL = 0.5  # half the units saturated, as SageMaker Debugger's rule flags a la
 LOW_DERIVATIVE = 0.05  # the layer passes at most 1/20 of the gradient it could
 
 
+def is_model_output(view: RunView, col: int) -> bool:
+    """Whether a layer's output is its model's: every layer of the model that finishes later encloses it.
+
+    Execution order ranks layers by when their output is first seen, so the custom
+    containers around the last layer (the root among them) come after it.
+    """
+    info = view.info[col]
+    if info.exec_order is None:
+        return False
+    return all(
+        other.name == "(root)" or info.name.startswith(other.name + ".")
+        for other in view.info
+        if (other.model or "") == (info.model or "")
+        and other.exec_order is not None
+        and other.exec_order > info.exec_order
+    )
+
+
 def check(view: RunView) -> list[Finding]:
     sat = view.m("saturated_frac")
     slope = view.m("act_derivative")
     rows = view.finite_rows
     hits = []
+    harmed = bool(loss_plateau.check(view))
     for col, info in enumerate(view.info):
         if info.kind not in causes.SATURATING_KINDS:
             continue
+        if is_model_output(view, col) and not harmed:
+            continue  # a confident output, not a blocked gradient
         values, slopes = sat[rows, col], slope[rows, col]
         measured = np.isfinite(values)
         if measured.sum() < 2:

@@ -5,7 +5,16 @@
 rewrites a tenth of the weights), too slow when it is below ``SLOW`` or ``RELATIVE``
 times the model's typical layer. Embeddings are exempt from "too slow": only the
 rows a batch uses move, by design. Ratios are judged over the later half of the
-measured steps, after weights that start at zero have grown.
+measured steps, after weights that start at zero have grown. Such a layer's ratio is
+about 1/k at step k (one update over the k summed so far; momentum at most doubles
+that), whatever its first step gave, so the median of the first half stays at or
+below ``BLOWUP`` = 1 once that half holds five ratios. A first-half median above it
+is no growth from zero: each step rewrote more than the whole weight, and the layer
+is too fast even when the blow-up left it still (dead, all zero) in the later half.
+
+A layer whose gradient is exactly zero on most judged steps does not move for want of
+a gradient, not of learning rate: it is left out of the typical layer and of "too
+slow", and reported on its own.
 """
 
 from __future__ import annotations
@@ -18,28 +27,43 @@ from .profile import RunView, nanmedian
 FAST = 0.1
 SLOW = 1e-6
 RELATIVE = 1e-4
+BLOWUP = 1.0  # a median above this in the first half: more than growth from zero gives
 SPARSE_BY_DESIGN = ("Embedding", "EmbeddingBag")
 
 
 def check(view: RunView) -> list[Finding]:
     ratio = view.m("update_ratio")[view.finite_rows]
+    grad = view.m("grad_norm")[view.finite_rows]
     if not np.isfinite(ratio).any():
         return []
-    medians = {}
+    medians, fastest, no_grad = {}, {}, {}
     for col in range(ratio.shape[1]):
-        values = ratio[:, col][np.isfinite(ratio[:, col])]
-        if values.size >= 3:
-            # The later half: a layer that starts at zero (a zero-initialised residual
-            # branch) has huge ratios while its weights grow from nothing.
-            medians[col] = float(np.median(values[values.size // 2 :]))
-    if not medians:
+        measured = np.flatnonzero(np.isfinite(ratio[:, col]))
+        if measured.size < 3:
+            continue
+        early, judged = measured[: measured.size // 2], measured[measured.size // 2 :]
+        # The later half: a layer that starts at zero (a zero-initialised residual
+        # branch) has huge ratios while its weights grow from nothing.
+        late = float(np.median(ratio[judged, col]))
+        blowup = float(np.median(ratio[early, col])) if early.size >= 5 else 0.0
+        rate = blowup if blowup > BLOWUP else late
+        if rate > FAST:
+            fastest[col] = rate
+        grads = grad[judged, col][np.isfinite(grad[judged, col])]
+        if grads.size and np.median(grads) == 0:
+            no_grad[col] = int((grads == 0).sum()), int(grads.size)
+        else:
+            medians[col] = late
+    if not medians and not no_grad:
         return []
-    typical = float(nanmedian(np.array(list(medians.values()))))
-    fast = sorted(((m, c) for c, m in medians.items() if m > FAST), reverse=True)
+    typical = float(nanmedian(np.array(list(medians.values())))) if medians else float("nan")
+    fast = sorted(((m, c) for c, m in fastest.items()), reverse=True)
     slow = sorted(
         (m, c)
         for c, m in medians.items()
-        if (m < SLOW or m < RELATIVE * typical) and view.info[c].type not in SPARSE_BY_DESIGN
+        if (m < SLOW or m < RELATIVE * typical)
+        and c not in fastest
+        and view.info[c].type not in SPARSE_BY_DESIGN
     )
     findings = []
     steps = view.steps[view.finite_rows]
@@ -52,10 +76,11 @@ def check(view: RunView) -> list[Finding]:
             1.0 + float(np.log10(fast[0][0] / 1e-3)),
             {"median_update_ratio": fast[0][0]},
         )
+        when = ", over the first half of the measured steps" if fast[0][0] > BLOWUP else ""
         summary = (
             f"{layer_names(layers, start=True)} {agree(layers, 'learns', 'learn')} too fast for "
             f"{agree(layers, 'its', 'their')} weight scale: median update/weight ratio "
-            f"{fast[0][0]:.1e} at the fastest."
+            f"{fast[0][0]:.1e} at the fastest{when}."
         )
         evidence = {
             "median_update_ratio": {view.names[c]: m for m, c in fast},
@@ -90,6 +115,34 @@ def check(view: RunView) -> list[Finding]:
         evidence = {
             "median_update_ratio": {view.names[c]: m for m, c in slow},
             "typical_layer": typical,
+        }
+        findings.append(
+            Finding("update_ratio", "warning", layers, first, last, summary, evidence, [cause])
+        )
+    if no_grad:
+        # A finding of its own rather than left to dead_units or vanishing: those name the
+        # activations or the error profile, not the parametrised layers that cannot learn,
+        # and a branch cut off from the loss (a zero gate, a mask) shows in no other rule.
+        # Stating the fact and its possible sources misleads less than any one guess.
+        layers = [view.names[c] for c in no_grad]
+        zero, judged = no_grad[next(iter(no_grad))]
+        cause = Cause(
+            "no_gradient",
+            f"the gradient of {layer_names(layers[:1])} is exactly zero on {zero} of the {judged} judged steps: "
+            "nothing downstream passes error back to it (units after it that are dead or saturated, "
+            "a branch cut off from the loss, or an error that underflowed), and no learning rate "
+            "moves a layer without a gradient",
+            1.0,
+            {"zero_gradient_steps": zero, "judged_steps": judged},
+        )
+        summary = (
+            f"{layer_names(layers, start=True)} {agree(layers, 'gets', 'get')} no gradient: "
+            f"{agree(layers, 'its', 'their')} gradient is exactly zero on most judged steps, so "
+            f"{agree(layers, 'it does', 'they do')} not learn at all."
+        )
+        evidence = {
+            "zero_gradient_steps": {view.names[c]: n for c, (n, _) in no_grad.items()},
+            "judged_steps": {view.names[c]: m for c, (_, m) in no_grad.items()},
         }
         findings.append(
             Finding("update_ratio", "warning", layers, first, last, summary, evidence, [cause])

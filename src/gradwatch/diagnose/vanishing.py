@@ -22,10 +22,18 @@ def check(view: RunView) -> list[Finding]:
                 causes.recurrent_radius(view, episode.model, above=False),
             ]
         )
+        zeros = ev["layers_error_underflowed"]
+        orders = f"{ev['orders_of_magnitude_across_depth']:.1f} orders of magnitude"
+        span = (
+            f"{orders} across {depth - len(zeros)} of the {depth} layers, and in {layer_names(zeros)}, "
+            "nearest the input, it underflowed to exactly zero"
+            if zeros
+            else f"{orders} across {depth} layers"
+        )
         summary = (
-            f"The backpropagated error shrinks by {ev['gain_per_layer']:.2g}x per layer on its way to the input: "
-            f"{ev['orders_of_magnitude_across_depth']:.1f} orders of magnitude across {depth} layers, from step "
-            f"{episode.first_step}. {layer_names(layers, start=True) if layers else 'The early layers'} "
+            f"The backpropagated error shrinks by {ev['gain_per_layer']:.2g}x per layer on its way to the input "
+            f"from step {episode.first_step}: {span}. "
+            f"{layer_names(layers, start=True) if layers else 'The early layers'} "
             f"barely {agree(layers, 'learns', 'learn')}."
         )
         findings.append(

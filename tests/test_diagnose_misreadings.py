@@ -1,0 +1,261 @@
+"""Misreadings: a true measurement given the wrong cause, or a harmless state read as harm.
+
+Each model is built so that the truth is known by construction (a layer that no error
+reaches, weights rewritten many times over in the first steps, an error that underflows
+float32, a confident output, a mislabelled sample), checked with plain torch where it
+matters, and the diagnosis has to name that truth and not the tempting neighbour.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+import gradwatch
+
+
+def kinds(report):
+    return {f.kind: f for f in report.findings}
+
+
+def loud(report):
+    return [(f.kind, f.layers[:4], f.summary) for f in report.findings if f.severity != "info"]
+
+
+def cause_ids(report):
+    return {c.id for f in report.findings for c in f.causes}
+
+
+def run(tmp_path, model, optimizer, batch, loss_fn, steps, scheduler=None):
+    with gradwatch.watch(model, optimizer, run=tmp_path / "run") as w:
+        for step in range(steps):
+            x, y = batch(step)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            w.log(loss=loss)
+    return gradwatch.diagnose(tmp_path / "run")
+
+
+def regression(n_in):
+    teacher = nn.Linear(n_in, 1)
+
+    def batch(step):
+        x = torch.randn(64, n_in)
+        with torch.no_grad():
+            return x, torch.tanh(teacher(x))
+
+    return batch
+
+
+def test_layers_that_no_error_reaches_are_not_blamed_on_the_learning_rate(tmp_path):
+    """Units after layer 2 are dead (bias -50): layers 0 and 2 get exactly zero gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
+    )
+    nn.init.constant_(model[2].bias, -50.0)
+    batch = regression(8)
+    x, y = batch(0)  # plain autograd: exactly zero, not small
+    nn.functional.mse_loss(model(x), y).backward()
+    assert model[0].weight.grad.abs().max() == 0 and model[2].weight.grad.abs().max() == 0
+    assert model[4].bias.grad.abs().max() > 0
+    model.zero_grad()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    report = run(tmp_path, model, opt, batch, nn.functional.mse_loss, 40)
+    assert "learning_rate_too_low" not in cause_ids(report), loud(report)
+    no_grad = [f for f in report.of_kind("update_ratio") if f.causes[0].id == "no_gradient"]
+    assert len(no_grad) == 1 and no_grad[0].layers == ["0", "2"], loud(report)
+    assert "exactly zero" in no_grad[0].summary
+    assert not [r for r in no_grad[0].remedies if r.id in ("lower_lr", "he_init")]
+    # A cliff at one layer, not a gain that compounds: no vanishing finding.
+    assert "vanishing_gradient" not in kinds(report), loud(report)
+
+
+def test_weights_rewritten_in_the_first_steps_are_too_fast_even_once_the_layers_died(tmp_path):
+    """lr 100 for five steps: each update is many times the weights, and the ReLUs die."""
+    torch.manual_seed(0)
+    teacher = torch.randn(8, 4)
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+
+    def batch(step):
+        x = torch.randn(64, 8)
+        return x, (x @ teacher).argmax(1)
+
+    with torch.random.fork_rng():  # plain autograd: one step at lr 100 moves more than the weight
+        probe = copy.deepcopy(model)
+        x, y = batch(0)
+        nn.functional.cross_entropy(probe(x), y).backward()
+        for layer in (probe[0], probe[2]):
+            assert 100 * layer.weight.grad.norm() > layer.weight.norm()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 2000.0 if s < 5 else 1.0)
+    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 80, schedule)
+    with torch.no_grad():  # plain torch: the hidden units are (nearly all) dead afterwards
+        assert (model[:4](torch.randn(1000, 8)) > 0).any(0).float().mean() < 0.2
+    fast = [f for f in report.of_kind("update_ratio") if f.causes[0].id == "learning_rate_too_high"]
+    assert fast and {"0", "2"} <= set(fast[0].layers), loud(report)
+    assert fast[0].causes[0].evidence["median_update_ratio"] > 1
+    assert "learning_rate_too_low" not in cause_ids(report), loud(report)
+
+
+def test_a_loss_that_blows_up_in_the_first_steps_and_ends_where_it_began_has_not_come_down(
+    tmp_path,
+):
+    """Random labels: nothing beats chance (ln 4). lr x20 for four steps blows the loss up,
+    weight decay brings it back to chance; the median of the first five losses is the blow-up."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, weight_decay=0.5)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 20.0 if s < 4 else 1.0)
+    losses = []
+
+    def loss_fn(out, y):
+        loss = nn.functional.cross_entropy(out, y)
+        losses.append(loss.item())
+        return loss
+
+    def batch(step):
+        return torch.randn(64, 8), torch.randint(0, 4, (64,))
+
+    report = run(tmp_path, model, opt, batch, loss_fn, 60, schedule)
+    assert sorted(losses[:5])[2] > 10 * losses[0]  # the median of the first five: blown up
+    assert abs(losses[0] - math.log(4)) < 0.2 and abs(losses[-1] - math.log(4)) < 0.2
+    assert "loss_plateau" in kinds(report), loud(report)
+    assert kinds(report)["loss_plateau"].evidence["loss_start"] == losses[0]
+
+
+def test_layers_whose_error_underflowed_to_zero_are_named_in_a_vanishing_finding(tmp_path):
+    """30 tanh layers at 0.1/sqrt(fan_in): the error shrinks ~10x per layer until float32 gives 0."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(30):
+        lin = nn.Linear(16, 16)
+        nn.init.normal_(lin.weight, 0.0, 0.1 / 4)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(16, 2))
+    teacher = torch.randn(16)
+
+    def batch(step):
+        x = torch.randn(64, 16)
+        return x, (x @ teacher > 0).long()
+
+    def error_rms(dtype):  # plain autograd: the error at each Linear's output
+        net = copy.deepcopy(model).to(dtype)
+        x, y = batch(0)
+        outs, h = [], x.to(dtype)
+        for m in net:
+            h = m(h)
+            if isinstance(m, nn.Linear):
+                h.retain_grad()
+                outs.append(h)
+        nn.functional.cross_entropy(h, y).backward()
+        return [o.grad.pow(2).mean().sqrt().item() for o in outs]
+
+    float64, float32 = error_rms(torch.float64), error_rms(torch.float32)
+    assert min(float64) > 0 and float32[0] == 0 and float32[-1] > 0  # underflow, not a true zero
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 30)
+    finding = kinds(report).get("vanishing_gradient")
+    assert finding is not None, loud(report)
+    ev = finding.evidence
+    assert ev["layers_in_profile"] == 31
+    assert ev["layers_error_underflowed"][0] == "0"
+    assert finding.layers[: len(ev["layers_error_underflowed"])] == ev["layers_error_underflowed"]
+    assert "31 layers" in finding.summary and "underflowed to exactly zero" in finding.summary
+
+
+def test_a_confident_sigmoid_output_under_bce_is_not_saturation(tmp_path):
+    """Separable data with a margin of 2: the output sigmoid saturates because the model is right."""
+    torch.manual_seed(1)
+    w = nn.functional.normalize(torch.randn(6), dim=0)
+
+    def batch(step):
+        x = torch.randn(64, 6)
+        m = x @ w
+        return x + 2.0 * torch.sign(m)[:, None] * w, (m > 0).float()[:, None]
+
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    report = run(tmp_path, model, opt, batch, nn.functional.binary_cross_entropy, 500)
+    x, y = batch(0)  # plain autograd: BCE's gradient at the logit is p - y, nothing lost
+    logit = model[:3](x).detach().requires_grad_()
+    p = torch.sigmoid(logit)
+    nn.functional.binary_cross_entropy(p, y, reduction="sum").backward()
+    assert torch.allclose(logit.grad, p.detach() - y, atol=1e-5)
+    assert ((p * (1 - p)) < 0.01 * 0.25).float().mean() > 0.9  # nearly every output saturated
+    assert report.healthy, loud(report)
+
+
+def test_a_saturated_sigmoid_output_that_stalls_the_loss_is_still_saturation(tmp_path):
+    """Output bias 30: sigmoid is exactly 1 in float32, its derivative 0, and MSE cannot move it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1), nn.Sigmoid())
+    nn.init.constant_(model[2].bias, 30.0)
+
+    def batch(step):
+        x = torch.randn(64, 6)
+        return x, (x[:, :1] > 0).float()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = run(tmp_path, model, opt, batch, nn.functional.mse_loss, 40)
+    found = kinds(report)
+    assert "loss_plateau" in found and "saturation" in found, loud(report)
+    assert found["saturation"].layers == ["3"]
+
+
+def test_gradient_spikes_from_mislabelled_samples_are_not_exploding_gradients(tmp_path):
+    """A clear margin, and one flipped label every 40 steps: each spike is that batch's loss."""
+    torch.manual_seed(2)
+    w = nn.functional.normalize(torch.randn(6), dim=0)
+    flips = set(range(150, 400, 40))
+
+    def batch(step):
+        x = torch.randn(32, 6)
+        m = x @ w
+        y = (m > 0).long()
+        if step in flips:
+            y[0] = 1 - y[0]
+        return x + torch.sign(m)[:, None] * w, y
+
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 400)
+    from gradwatch.diagnose import exploding
+    from gradwatch.diagnose.profile import RunView
+    from gradwatch.store import open_run
+
+    with open_run(tmp_path / "run") as stored:  # the spikes are there, each at a flipped label
+        view = RunView(stored)
+        found = exploding.spikes(view)
+        at = {int(view.steps[r]) for hits in found.values() for r, _ in hits}
+        assert max(len(h) for h in found.values()) >= 3 and at <= flips, at
+    assert "exploding_gradient" not in kinds(report), loud(report)
+
+
+def test_exploding_over_depth_reports_its_orders_of_magnitude_as_the_summary_does(tmp_path):
+    """W = 2 I over 12 layers: the error doubles per layer towards the input, 2^11 in all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16, bias=False) for _ in range(12)])
+    for layer in model:
+        nn.init.eye_(layer.weight)
+        layer.weight.data.mul_(2.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)  # the weights stay where they are
+
+    def batch(step):
+        return torch.randn(32, 16), torch.randn(32, 16)
+
+    report = run(tmp_path, model, opt, batch, nn.functional.mse_loss, 20)
+    finding = kinds(report)["exploding_gradient"]
+    orders = finding.evidence["orders_of_magnitude_across_depth"]
+    assert abs(orders - 11 * math.log10(2)) < 0.1, orders
+    assert f"{orders:.1f} orders of magnitude" in finding.summary
