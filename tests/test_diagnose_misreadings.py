@@ -259,3 +259,52 @@ def test_exploding_over_depth_reports_its_orders_of_magnitude_as_the_summary_doe
     orders = finding.evidence["orders_of_magnitude_across_depth"]
     assert abs(orders - 11 * math.log10(2)) < 0.1, orders
     assert f"{orders:.1f} orders of magnitude" in finding.summary
+
+
+class Masked(nn.Module):
+    """A classifier whose last logit is masked with -inf (an invalid action): softmax gives it 0."""
+
+    def __init__(self, body: nn.Module, width: int):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        valid = torch.tensor([True, True, True, False])
+        return self.head(self.body(x)).masked_fill(~valid, float("-inf"))
+
+
+def test_logits_masked_with_minus_inf_are_a_note_not_a_failure(tmp_path):
+    torch.manual_seed(0)
+    model = Masked(nn.Sequential(nn.Linear(8, 32), nn.ReLU()), 32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def batch(step):
+        x = torch.randn(32, 8)
+        return x, x[:, :3].argmax(1)  # learnable: the largest of the first three features
+
+    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 80)
+    # The independent check: the masked logit's probability is exactly 0 and the loss is finite.
+    x, y = batch(0)
+    probs = model(x).softmax(1)
+    assert (probs[:, 3] == 0).all() and torch.isfinite(nn.functional.cross_entropy(model(x), y))
+    assert report.healthy, loud(report)
+    note = kinds(report)["nonfinite"]
+    assert note.severity == "info" and note.layers == ["(root)"]
+
+
+def test_a_mask_does_not_hide_a_vanishing_gradient(tmp_path):
+    """Steps with a mask stay judged: the window used to end at the first -inf."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(12):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    model = Masked(nn.Sequential(*layers), 32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def batch(step):
+        x = torch.randn(64, 32)
+        return x, x[:, :3].argmax(1)
+
+    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 40)
+    assert "vanishing_gradient" in kinds(report), loud(report)

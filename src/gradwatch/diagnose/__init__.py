@@ -65,7 +65,7 @@ def diagnose(run: Run | str | Path) -> Report:
             return diagnose(opened)
     view = RunView(run)
     findings = [f for rule in RULES for f in rule.check(view)]
-    harmed = {f.kind for f in findings} & HARM
+    harmed = {f.kind for f in findings if f.severity != "info"} & HARM
     for finding in findings:
         if finding.kind in PATHOLOGIES:
             finding.severity = "error" if harmed else "warning"

@@ -12,7 +12,7 @@ from .profile import RunView
 def check(view: RunView) -> list[Finding]:
     row = view.first_nonfinite_row
     if row is None:
-        return []
+        return _masks(view)
     info = view.step_rows[row]
     step = int(view.steps[row])
     module = info["nonfinite_module"]
@@ -57,3 +57,30 @@ def check(view: RunView) -> list[Finding]:
     }
     last = int(view.steps[bad_rows[-1]]) if bad_rows else step
     return [Finding("nonfinite", "error", layers, step, last, summary, evidence, found)]
+
+
+def _masks(view: RunView) -> list[Finding]:
+    """A note, not a failure, for -inf outputs that the loss absorbs (see ``RunView.masked_rows``)."""
+    rows = sorted(view.masked_rows)
+    if not rows:
+        return []
+    flags = view.m("nonfinite")
+    cols = sorted({int(c) for r in rows for c in np.flatnonzero(flags[r] == 1)})
+    layers = [view.names[c] for c in cols]
+    steps = view.steps
+    summary = (
+        f"{layers[0]} outputs -inf on {len(rows)} of {len(steps)} steps while the loss and every "
+        "gradient stay finite: a mask (softmax gives those entries zero probability), not a failure."
+    )
+    evidence = {"masked_steps": len(rows), "modules": layers}
+    return [
+        Finding(
+            "nonfinite",
+            "info",
+            layers,
+            int(steps[rows[0]]),
+            int(steps[rows[-1]]),
+            summary,
+            evidence,
+        )
+    ]

@@ -93,11 +93,34 @@ class RunView:
 
     @cached_property
     def first_nonfinite_row(self) -> int | None:
-        """Row of the first step with an inf/NaN output, gradient or loss."""
+        """Row of the first step with an inf/NaN output, gradient or loss that is not a mask."""
         for i, row in enumerate(self.step_rows):
-            if row["nonfinite"] or row.get("loss_nonfinite"):
+            if (row["nonfinite"] or row.get("loss_nonfinite")) and i not in self.masked_rows:
                 return i
         return None
+
+    @cached_property
+    def masked_rows(self) -> set[int]:
+        """Rows whose only inf/NaN is -inf in module outputs, while the loss and gradients stay finite.
+
+        Setting the logits of invalid actions or tokens to -inf is an idiom: softmax
+        gives them zero probability, and the loss, every error and every gradient stay
+        finite. Judged only where a loss was logged; an inf error or a NaN is never a mask.
+        """
+        flags, act, err = self.m("nonfinite"), self.m("act_mean"), self.m("error_norm")
+        rows = set()
+        for i, row in enumerate(self.step_rows):
+            if not row["nonfinite"] or row.get("loss_nonfinite") or row["nonfinite_params"]:
+                continue
+            cols = np.flatnonzero(flags[i] == 1)
+            if (
+                row["loss"] is not None
+                and cols.size
+                and np.isneginf(act[i, cols]).all()
+                and not np.isinf(err[i, cols]).any()
+            ):
+                rows.add(i)
+        return rows
 
     @cached_property
     def optimizers(self) -> int:
