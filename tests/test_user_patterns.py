@@ -328,3 +328,24 @@ def test_errors_of_a_frozen_model_are_kept(tmp_path):
             opt.step()
     run = gradwatch.open_run(tmp_path / "run")
     np.testing.assert_allclose(run.matrix("error_norm")[:, 2], true_errors, rtol=1e-5)
+
+
+def test_a_masked_output_is_replayed_once_then_checked_layer_by_layer(tmp_path):
+    """An output with -inf fails the check every step; replaying every forward doubled its cost."""
+    torch.manual_seed(0)
+    model = MaskedPolicy()
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(1))  # the replay runs it too
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, run=tmp_path / "run") as w:
+        for _ in range(30):
+            loss = nn.functional.cross_entropy(
+                model(torch.randn(16, 8)), torch.randint(0, 3, (16,))
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    assert len(calls) <= 31
+    rows = gradwatch.open_run(tmp_path / "run").step_table()
+    assert [r["nonfinite_module"] for r in rows] == ["(root)"] * 30

@@ -468,7 +468,9 @@ class Watcher:
         """Whether a model's output is finite, read on the host (it is on the CPU).
 
         An output that is not a CPU float tensor cannot vouch for the layers: the
-        model's later forwards run hooked, and this one counts as failed.
+        model's later forwards run hooked, and this one counts as failed. So do those
+        of a model whose output holds -inf and no NaN: logits masked with -inf fail the
+        check on every step, and checking each layer costs less than replaying each forward.
         """
         if type(output) is torch.Tensor and output.is_floating_point():
             leaves = [output]  # the common case, without flattening a pytree
@@ -478,7 +480,11 @@ class Watcher:
         if not leaves or any(t.device.type != "cpu" for t in leaves):
             self._undeferrable.add(id(root))
             return False
-        return all(_finite_on_host(t) for t in leaves)  # host read; CPU, so no wait
+        if all(_finite_on_host(t) for t in leaves):  # host read; CPU, so no wait
+            return True
+        if not any(bool((t.isnan() | t.isposinf()).any()) for t in leaves):  # host read
+            self._undeferrable.add(id(root))  # a mask, most likely
+        return False
 
     def _replay(self, root: nn.Module, args: Any, kwargs: dict, rng_state: torch.Tensor) -> None:
         """Run a forward again with every checked layer hooked, to find where inf/NaN began.
