@@ -308,3 +308,18 @@ def test_a_mask_does_not_hide_a_vanishing_gradient(tmp_path):
 
     report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 40)
     assert "vanishing_gradient" in kinds(report), loud(report)
+
+
+def test_a_compiled_model_is_said_to_be_unmeasured_not_healthy(tmp_path):
+    """torch.compile runs the hooks inside its graph: only gradients are recorded, and the report says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    report = run(
+        tmp_path, compiled, opt, lambda step: regression(16)(step), nn.functional.mse_loss, 12
+    )
+    note = kinds(report)["unmeasured"]
+    assert note.severity == "info" and report.healthy
+    plain = run(tmp_path / "plain", model, opt, regression(16), nn.functional.mse_loss, 12)
+    assert "unmeasured" not in kinds(plain)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..store import Run, open_run
 from . import (
+    coverage,
     dead_units,
     exploding,
     loss_divergence,
@@ -35,6 +36,7 @@ RULES = [
     update_ratio,
     loss_plateau,
     loss_divergence,
+    coverage,
 ]
 HARM = {"loss_plateau", "loss_divergence", "nonfinite"}
 PATHOLOGIES = {"vanishing_gradient", "exploding_gradient", "saturation", "dead_units"}

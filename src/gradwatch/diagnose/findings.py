@@ -75,7 +75,7 @@ class Finding:
 
     Attributes:
         kind: one of vanishing_gradient, exploding_gradient, nonfinite, dead_units,
-            saturation, update_ratio, loss_plateau, loss_divergence.
+            saturation, update_ratio, loss_plateau, loss_divergence, unmeasured.
         severity: "error" when training is harmed, "warning" when the pathology is
             clear but harm is not shown yet, "info" otherwise.
         layers: module names, the most affected first.
