@@ -323,3 +323,23 @@ def test_a_compiled_model_is_said_to_be_unmeasured_not_healthy(tmp_path):
     assert note.severity == "info" and report.healthy
     plain = run(tmp_path / "plain", model, opt, regression(16), nn.functional.mse_loss, 12)
     assert "unmeasured" not in kinds(plain)
+
+
+def test_layers_a_vanishing_error_starves_are_not_blamed_on_the_learning_rate(tmp_path):
+    """Their updates are tiny because their error is: the vanishing finding says so."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(24):
+        linear = nn.Linear(32, 32)
+        nn.init.normal_(linear.weight, std=0.5 / math.sqrt(32))
+        layers += [linear, nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    report = run(tmp_path, model, opt, regression(32), nn.functional.mse_loss, 60)
+    found = kinds(report)
+    assert "vanishing_gradient" in found, loud(report)
+    starved = set(found["vanishing_gradient"].layers)
+    assert "0" in starved
+    for finding in report.of_kind("update_ratio"):
+        assert not starved & set(finding.layers), finding.summary
+    assert "learning_rate_too_low" not in cause_ids(report)

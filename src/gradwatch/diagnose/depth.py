@@ -56,7 +56,17 @@ def _holds(profile: DepthProfile, direction: int) -> bool:
 
 
 def depth_episodes(view: RunView, direction: int) -> list[DepthEpisode]:
-    """Per model, the steps where the error profile compounds in ``direction``, if persistent."""
+    """Per model, the steps where the error profile compounds in ``direction``, if persistent.
+
+    Computed once per view and direction: several rules ask.
+    """
+    key = ("depth_episodes", direction)
+    if key not in view.memo:
+        view.memo[key] = _depth_episodes(view, direction)
+    return view.memo[key]
+
+
+def _depth_episodes(view: RunView, direction: int) -> list[DepthEpisode]:
     episodes = []
     harm_follows = view.first_nonfinite_row is not None
     for model in view.models:

@@ -78,6 +78,7 @@ class RunView:
         self.info = run.layer_info
         self.names = run.layers
         self._matrices: dict[str, np.ndarray] = {}
+        self.memo: dict = {}  # results that several rules share (see depth.depth_episodes)
 
     def m(self, metric: str) -> np.ndarray:
         if metric not in self._matrices:

@@ -14,13 +14,16 @@ is too fast even when the blow-up left it still (dead, all zero) in the later ha
 
 A layer whose gradient is exactly zero on most judged steps does not move for want of
 a gradient, not of learning rate: it is left out of the typical layer and of "too
-slow", and reported on its own.
+slow", and reported on its own. A layer that a vanishing-gradient episode names is in
+neither finding: its updates are small (or nil, its error underflowed) because its
+error is, and that finding says so.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .depth import affected_layers, depth_episodes
 from .findings import Cause, Finding, agree, layer_names
 from .profile import RunView, nanmedian
 
@@ -58,11 +61,18 @@ def check(view: RunView) -> list[Finding]:
         return []
     typical = float(nanmedian(np.array(list(medians.values())))) if medians else float("nan")
     fast = sorted(((m, c) for c, m in fastest.items()), reverse=True)
+    starved = {
+        name
+        for episode in depth_episodes(view, direction=+1)
+        for name in affected_layers(view, episode)
+    }
+    no_grad = {c: n for c, n in no_grad.items() if view.names[c] not in starved}
     slow = sorted(
         (m, c)
         for c, m in medians.items()
         if (m < SLOW or m < RELATIVE * typical)
         and c not in fastest
+        and view.names[c] not in starved
         and view.info[c].type not in SPARSE_BY_DESIGN
     )
     findings = []
