@@ -349,3 +349,53 @@ def test_a_masked_output_is_replayed_once_then_checked_layer_by_layer(tmp_path):
     assert len(calls) <= 31
     rows = gradwatch.open_run(tmp_path / "run").step_table()
     assert [r["nonfinite_module"] for r in rows] == ["(root)"] * 30
+
+
+def _amp_iterations(model, opt, scaler, n, watchers=()):
+    skipped = 0
+    for _ in range(n):
+        x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        for w in watchers:
+            w.log(loss=loss)
+        skipped += scaler.get_scale() < before
+    return skipped
+
+
+def test_two_watchers_of_one_scaler_both_see_its_skips(tmp_path):
+    """A script's own watcher under `gradwatch run`: the second wrapper chained onto the first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22, growth_interval=4)
+    outer = gradwatch.watch(model, opt, run=tmp_path / "outer", scaler=scaler)
+    with gradwatch.watch(model, opt, run=tmp_path / "inner", scaler=scaler) as inner:
+        skipped = _amp_iterations(model, opt, scaler, 12, [outer, inner])
+    assert skipped >= 2 and inner.scaler_skips == outer.scaler_skips == skipped
+    assert "step" in scaler.__dict__  # the outer watcher still wraps it
+    more = _amp_iterations(model, opt, scaler, 8, [outer])
+    outer.close()
+    assert outer.scaler_skips == skipped + more
+    assert "step" not in scaler.__dict__
+
+
+def test_skips_before_the_optimizer_is_known_are_not_steps(tmp_path):
+    """`gradwatch run` adopts an optimizer at its first step; skipped iterations come before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)
+    with gradwatch.watch(model, run=tmp_path / "run", scaler=scaler) as w:
+        skipped = _amp_iterations(model, opt, scaler, 3, [w])
+        w.add_optimizer(opt)
+        skipped += _amp_iterations(model, opt, scaler, 9, [w])
+    assert skipped >= 3 and w.scaler_skips == skipped
+    run = gradwatch.open_run(tmp_path / "run")
+    assert len(run.steps) == 12 - skipped
+    assert not any(row["nonfinite"] for row in run.step_table())

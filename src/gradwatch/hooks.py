@@ -61,24 +61,37 @@ class ScalerStepHook:
 
     An AMP GradScaler skips ``optimizer.step()`` when the scaled gradients overflowed
     (routinely, while it calibrates its scale), so no optimizer hook fires; only the
-    scaler knows. The wrapper lives in the scaler's ``__dict__`` until :meth:`remove`;
-    a copy or pickle of the scaler gets its plain ``step`` back.
+    scaler knows. The wrapper lives in the scaler's ``__dict__`` until :meth:`remove`,
+    on top of any earlier one (a script's own watcher under ``gradwatch run``); a copy or
+    pickle of the scaler gets its plain ``step`` back.
     """
 
     def __init__(self, scaler: Any, after_step: Callable[[Any, Any], None]) -> None:
         self.scaler = scaler
         self.after_step = after_step
-        self._step = type(scaler).step.__get__(scaler)
+        self.removed = False
+        self._previous = scaler.__dict__.get("step")  # an earlier wrapper, or None
+        self._step = scaler.step
         scaler.step = self
 
     def __call__(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         result = self._step(optimizer, *args, **kwargs)
-        self.after_step(self.scaler, optimizer)
+        if not self.removed:
+            self.after_step(self.scaler, optimizer)
         return result
 
     def remove(self) -> None:
-        if self.scaler.__dict__.get("step") is self:
+        """Unhook; the scaler's ``step`` goes back to the newest wrapper still in use."""
+        self.removed = True
+        if self.scaler.__dict__.get("step") is not self:
+            return  # a later wrapper calls through this one, which now only passes on
+        previous = self._previous
+        while isinstance(previous, ScalerStepHook) and previous.removed:
+            previous = previous._previous
+        if previous is None:
             del self.scaler.step
+        else:
+            self.scaler.step = previous
 
     def __deepcopy__(self, memo: dict) -> Any:
         copy = memo.get(id(self.scaler))  # the scaler's copy, made before its attributes

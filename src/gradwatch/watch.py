@@ -376,7 +376,9 @@ class Watcher:
     def _after_scaler_step(self, scaler: Any, optimizer: torch.optim.Optimizer) -> None:
         state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
         found = state.get("found_inf_per_device") if isinstance(state, dict) else None
-        if self._closed or not found or optimizer not in self._optimizers:
+        # An optimizer not (yet) watched is another's, unless none is: `gradwatch run`
+        # adopts an optimizer at its first step, which a skip does not reach.
+        if self._closed or not found or (self._optimizers and optimizer not in self._optimizers):
             return
         # Host reads of what the scaler has just read itself to decide: no further wait.
         if not sum(float(v) for v in found.values()):
