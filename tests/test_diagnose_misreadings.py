@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -343,3 +344,48 @@ def test_layers_a_vanishing_error_starves_are_not_blamed_on_the_learning_rate(tm
     for finding in report.of_kind("update_ratio"):
         assert not starved & set(finding.layers), finding.summary
     assert "learning_rate_too_low" not in cause_ids(report)
+
+
+class Value(nn.Linear):
+    """A value head that turns NaN when ``fire`` is set."""
+
+    fire = False
+
+    def forward(self, h):
+        value = super().forward(h)
+        return value * float("nan") if self.fire else value
+
+
+class ActorCritic(nn.Module):
+    """Masked policy logits (-inf, harmless) beside a value head, which runs after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+        self.policy = Masked(nn.Identity(), 32)
+        self.value = Value(32, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.policy(h), self.value(h)
+
+
+@pytest.mark.parametrize("fire", [5, 25])  # a detailed step, a plain one
+def test_a_nan_after_a_mask_is_blamed_on_its_module_not_on_the_mask(tmp_path, fire):
+    torch.manual_seed(0)
+    model = ActorCritic()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, opt, run=tmp_path / "run") as w:
+        for step in range(30):
+            model.value.fire = step == fire
+            x = torch.randn(16, 8)
+            logits, value = model(x)
+            loss = nn.functional.cross_entropy(logits, x[:, :3].argmax(1)) + value.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            if torch.isfinite(loss):
+                opt.step()
+            w.log(loss=loss)
+    found = gradwatch.diagnose(tmp_path / "run").of_kind("nonfinite")
+    failure = [f for f in found if f.severity == "error"]
+    assert len(failure) == 1 and failure[0].layers == ["value"] and failure[0].first_step == fire

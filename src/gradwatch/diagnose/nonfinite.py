@@ -15,7 +15,7 @@ def check(view: RunView) -> list[Finding]:
         return _masks(view)
     info = view.step_rows[row]
     step = int(view.steps[row])
-    module = info["nonfinite_module"]
+    module = _past_masks(view, row, info["nonfinite_module"])
     params = info["nonfinite_params"]
     bad_rows = [i for i, r in enumerate(view.step_rows) if r["nonfinite"]]
     # Updates over the 20 steps before the first inf/NaN, for every origin alike.
@@ -59,14 +59,43 @@ def check(view: RunView) -> list[Finding]:
     return [Finding("nonfinite", "error", layers, step, last, summary, evidence, found)]
 
 
+def _mask_columns(view: RunView) -> set[int]:
+    """Modules whose -inf outputs the loss absorbed on some step: known masks."""
+    flags = view.m("nonfinite")
+    return {int(c) for r in view.masked_rows for c in np.flatnonzero(flags[r] == 1)}
+
+
+def _past_masks(view: RunView, row: int, module: str | None) -> str | None:
+    """The first module of a failing step that is not a known mask, if the store named one.
+
+    A step records the first module, in execution order, whose output was not finite;
+    in a masked model that is the mask on every step, also where a NaN began later
+    (a value head beside the masked policy). Where the mask alone fails (every entry
+    masked), it stays the culprit.
+    """
+    masks = _mask_columns(view)
+    if module is None or module not in view.names or view.names.index(module) not in masks:
+        return module
+    flags, outputs = view.m("nonfinite")[row], view.m("act_mean")[row]
+    # Flagged for its output, not only for its error or gradient: its mean is not finite.
+    others = [
+        int(c)
+        for c in np.flatnonzero(flags == 1)
+        if int(c) not in masks
+        and not np.isfinite(outputs[c])
+        and view.info[int(c)].exec_order is not None
+    ]
+    if not others:
+        return module
+    return view.names[min(others, key=lambda c: view.info[c].exec_order)]
+
+
 def _masks(view: RunView) -> list[Finding]:
     """A note, not a failure, for -inf outputs that the loss absorbs (see ``RunView.masked_rows``)."""
     rows = sorted(view.masked_rows)
     if not rows:
         return []
-    flags = view.m("nonfinite")
-    cols = sorted({int(c) for r in rows for c in np.flatnonzero(flags[r] == 1)})
-    layers = [view.names[c] for c in cols]
+    layers = [view.names[c] for c in sorted(_mask_columns(view))]
     steps = view.steps
     summary = (
         f"{layers[0]} outputs -inf on {len(rows)} of {len(steps)} steps while the loss and every "
