@@ -107,6 +107,24 @@ def test_watch_refuses_a_store_with_steps_unless_told_to_overwrite(tmp_path):
     assert run.meta["status"] == "ok"
 
 
+def test_overwrite_closes_a_watcher_left_open_on_the_same_run(tmp_path):
+    """A notebook cell run again: the first watcher was never closed and still holds the store."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    first = gradwatch.watch(model, opt, run=tmp_path / "run")
+    with pytest.raises(RunExistsError, match="overwrite=True to close it"):
+        gradwatch.watch(model, opt, run=tmp_path / "run")
+    second = gradwatch.watch(model, opt, run=tmp_path / "run", overwrite=True)
+    assert first._closed and not second._closed
+    with second:
+        for _ in range(3):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert gradwatch.open_run(tmp_path / "run").steps.tolist() == [0, 1, 2]
+
+
 def test_an_empty_store_may_be_reused_and_a_failed_watch_releases_its_store(tmp_path):
     with pytest.raises(TypeError) as caught:  # the traceback keeps the failed Watcher alive
         gradwatch.watch(["not a model"], run=tmp_path / "run")

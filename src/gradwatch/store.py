@@ -48,7 +48,7 @@ import json
 import os
 import sqlite3
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -153,7 +153,8 @@ def check_new_store(path: str | Path, *, overwrite: bool = False) -> Path:
 
     Raises:
         RunExistsError: a store with recorded steps or layers is there and ``overwrite``
-            is false, or another watcher in this process is writing to it.
+            is false, or another watcher in this process is writing to it (with
+            ``overwrite``, that watcher is closed first).
         RunStoreError: the path cannot hold a store (a directory where the file goes, a
             file that is not a gradwatch store, a parent that is a file or not writable).
     """
@@ -170,10 +171,15 @@ def check_new_store(path: str | Path, *, overwrite: bool = False) -> Path:
             )
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise RunStoreError(f"cannot write a run store at {path}: {ancestor} is not writable")
-        if str(file.resolve()) in _writing:
+        other = _writing.get(str(file.resolve()))
+        if other is not None and overwrite:
+            # A watcher never closed (a notebook cell run again): its run is being replaced.
+            other.evict()
+        elif other is not None:
             raise RunExistsError(
                 f"another watcher in this process is writing the run store at {path}; "
-                "close it first or choose another run directory"
+                "close it first, pass overwrite=True to close it and replace its run, "
+                "or choose another run directory"
             )
         if not file.exists():
             return file
@@ -240,6 +246,8 @@ class RunWriter:
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.file = check_new_store(path, overwrite=overwrite)
         self._db: sqlite3.Connection | None = None
+        # What closes this store's watcher, when another run replaces it (see evict).
+        self.on_evict: Callable[[], None] | None = None
         try:
             if overwrite and self.file.exists():
                 for stale in (self.file, *_sidecars(self.file)):
@@ -304,6 +312,13 @@ class RunWriter:
             self._db.executemany(head + ", ".join([one] * ROWS_PER_INSERT), full)
         if chunk:
             self._db.executemany(head + one, chunk)
+
+    def evict(self) -> None:
+        """Close the watcher writing here (``on_evict``), or else this writer alone."""
+        if self.on_evict is not None:
+            self.on_evict()
+        if _writing.get(self._key) is self:
+            self.close()
 
     def close(self) -> None:
         if _writing.get(self._key) is self:

@@ -152,6 +152,7 @@ class Watcher:
         # A store holds one run: an existing one is replaced only with overwrite=True.
         self.run_dir = Path(run) if run is not None else fresh_path(default_run_dir())
         self._writer: RunWriter | None = RunWriter(self.run_dir, overwrite=overwrite)
+        self._writer.on_evict = self.close
         self._writer.set_meta(
             {
                 "gradwatch_version": __version__,
