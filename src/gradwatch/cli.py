@@ -128,6 +128,7 @@ def run(
         )
     except RunStoreError as exc:
         raise fail(str(exc)) from None
+    watcher.pin_store()  # the script's own watch(overwrite=True) must not close this one
     result = run_script(script, args or [], watcher)
     try:
         with open_run(run_dir) as stored:

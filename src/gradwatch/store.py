@@ -172,14 +172,18 @@ def check_new_store(path: str | Path, *, overwrite: bool = False) -> Path:
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise RunStoreError(f"cannot write a run store at {path}: {ancestor} is not writable")
         other = _writing.get(str(file.resolve()))
-        if other is not None and overwrite:
+        if other is not None and overwrite and other.on_evict is not None:
             # A watcher never closed (a notebook cell run again): its run is being replaced.
             other.evict()
         elif other is not None:
+            close = (
+                "pass overwrite=True to close it and replace its run"
+                if other.on_evict is not None
+                else "it is `gradwatch run`'s own: give the script another run directory"
+            )
             raise RunExistsError(
                 f"another watcher in this process is writing the run store at {path}; "
-                "close it first, pass overwrite=True to close it and replace its run, "
-                "or choose another run directory"
+                f"close it first, {close}, or choose another run directory"
             )
         if not file.exists():
             return file
@@ -246,7 +250,8 @@ class RunWriter:
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.file = check_new_store(path, overwrite=overwrite)
         self._db: sqlite3.Connection | None = None
-        # What closes this store's watcher, when another run replaces it (see evict).
+        # What closes this store's watcher when another run replaces it (see evict); None
+        # pins the store to its watcher (`gradwatch run`'s own).
         self.on_evict: Callable[[], None] | None = None
         try:
             if overwrite and self.file.exists():
@@ -314,11 +319,9 @@ class RunWriter:
             self._db.executemany(head + one, chunk)
 
     def evict(self) -> None:
-        """Close the watcher writing here (``on_evict``), or else this writer alone."""
+        """Close the watcher writing here (``on_evict``; None pins the store: nothing to do)."""
         if self.on_evict is not None:
             self.on_evict()
-        if _writing.get(self._key) is self:
-            self.close()
 
     def close(self) -> None:
         if _writing.get(self._key) is self:

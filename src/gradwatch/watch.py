@@ -363,6 +363,11 @@ class Watcher:
             self._handles.append(optimizer.register_step_pre_hook(OwnHook(self.on_step_begin)))
             self._handles.append(optimizer.register_step_post_hook(OwnHook(self.on_step_end)))
 
+    def pin_store(self) -> None:
+        """Keep this watcher's store from being taken over: ``overwrite=True`` elsewhere is refused."""
+        if self._writer is not None:
+            self._writer.on_evict = None
+
     def add_scaler(self, scaler: Any) -> None:
         """Tell the watcher about an AMP ``GradScaler``: values are reported unscaled, and
         an iteration whose step the scaler skips (its scaled gradients overflowed) is
