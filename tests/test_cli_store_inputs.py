@@ -458,3 +458,21 @@ def test_sigterm_from_outside_flushes_a_running_script(tmp_path):
     with gradwatch.open_run(tmp_path / "r") as run:
         assert len(run.steps) >= 3 + 21  # everything done before the signal, not just flushes
         assert run.meta["status"] == "error: Terminated"
+
+
+def test_a_handler_raising_inside_the_final_close_keeps_the_status_and_report(
+    tmp_path, monkeypatch
+):
+    """SIGTERM to a process group: a DataLoader's SIGCHLD handler raised in our close."""
+    real_close = gradwatch.Watcher.close
+
+    def close_interrupted(self, *, error=None):
+        real_close(self, error=error)
+        raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+    monkeypatch.setattr(gradwatch.Watcher, "close", close_interrupted)
+    own = script(tmp_path, "import sys; sys.exit(3)", steps=4)
+    result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "run"), str(own)])
+    assert result.exit_code == 3, result.output
+    assert "closing the run was interrupted" in flat(result.output)
+    assert "steps: 4" in result.output

@@ -260,7 +260,12 @@ def run_script(script: str | Path, args: Sequence[str], watcher: Watcher) -> Scr
         traceback.print_exception(type(exc), exc, _from_script(exc.__traceback__, script))
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
-        watcher.close(error=error)
+        try:
+            watcher.close(error=error)
+        except Exception as exc:  # noqa: BLE001 - a handler of the script's raised inside it
+            # A DataLoader's SIGCHLD handler raises when its workers die of the same SIGTERM;
+            # the store is flushed by then, and the diagnosis still follows.
+            print(f"gradwatch: closing the run was interrupted: {exc}", file=sys.stderr)
     return ScriptResult(code, watcher, error)
 
 
