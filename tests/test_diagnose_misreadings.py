@@ -389,3 +389,24 @@ def test_a_nan_after_a_mask_is_blamed_on_its_module_not_on_the_mask(tmp_path, fi
     found = gradwatch.diagnose(tmp_path / "run").of_kind("nonfinite")
     failure = [f for f in found if f.severity == "error"]
     assert len(failure) == 1 and failure[0].layers == ["value"] and failure[0].first_step == fire
+
+
+def test_layers_whose_forward_went_unmeasured_are_named(tmp_path):
+    """Reentrant checkpointing runs the block's real forward under no_grad: no probe sees it."""
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x):
+            x = x.requires_grad_()  # reentrant checkpointing needs an input that requires grad
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=True))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    report = run(tmp_path, model, opt, regression(16), nn.functional.mse_loss, 6)
+    note = kinds(report)["unmeasured"]
+    assert note.severity == "info" and note.layers == ["block.0", "block.2"]
