@@ -39,7 +39,10 @@ def check(view: RunView) -> list[Finding]:
     if end > start * 1.5 and end > RISE * float(np.min(view.finite_loss())):
         return []  # rising: loss_divergence reports it
     steps = view.steps[np.isfinite(view.loss)]
-    summary = f"The loss has not come down: {start:.4g} at the start, {end:.4g} at the end ({(start - end) / abs(start):+.1%})."
+    summary = (
+        f"The loss has not come down: {start:.4g} at the start, {end:.4g} at the end "
+        f"({(end - start) / abs(start):+.1%}, where a tenth down is the least expected)."
+    )
     evidence = {"loss_start": start, "loss_end": end, "steps": int(steps.size)}
     return [
         Finding("loss_plateau", "warning", [], int(steps[0]), int(steps[-1]), summary, evidence)
