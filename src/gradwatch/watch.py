@@ -426,7 +426,7 @@ class Watcher:
         defer = self._defers_checks(module, args)
         self._set_optional_hooks("check", not defer)
         self._set_optional_hooks("detail", self._open.detail)
-        self._watch_accumulation(self._open.detail and self.mode != "grads")
+        self._watch_accumulation(self._open.detail)
         self._open.forward_seen = True
         self._loss_of_skipped = False
         # 1 µs: the random state lets a replay draw the same dropout masks.
@@ -941,7 +941,7 @@ class Watcher:
             self.steps_recorded += 1
         self._open = StepBuffer(self.step, self._is_detail(self.step))
         # Kept on from one detailed step to the next (mode "full"): attaching costs 70 µs.
-        self._watch_accumulation(self._open.detail and self.mode != "grads")
+        self._watch_accumulation(self._open.detail)
         # Flush at the start of the next step, so a loss logged after opt.step() still
         # reaches its step; the first step is flushed early to write the layer table.
         self._flush_due = bool(self._pending) and (
