@@ -21,6 +21,10 @@ def test_demo_diagnoses_treats_and_verifies(tmp_path):
     assert np.mean(loss_after[-20:]) < 0.5 * np.mean(loss_before[-20:])
     assert "relu" in result.output and "he_init" in result.output
     assert "Did it help?" in result.output
+    # Every path and finding is printed whole, not cut to fit an 80-column table.
+    assert f"gradwatch show {tmp_path / 'before'}" in result.output
+    assert "loss_plateau" in result.output and "vanishing_gradient" in result.output
+    assert "…" not in result.output
 
 
 def test_demo_data_loads_without_scikit_learn(monkeypatch):

@@ -148,9 +148,10 @@ def run_demo(
     after = train(treated, x, y, steps, out / SUB_RUNS[1], "+".join(fixes), overwrite)
     console.print(after.report)
     console.rule("[bold]3. Did it help?")
-    table = Table()
-    for col in ("model", "loss at start", "loss at end", "train accuracy", "diagnosis"):
+    table = Table(caption="loss: the mean over the first or the last 10 steps")
+    for col in ("model", "first loss", "last loss", "train accuracy"):
         table.add_column(col)
+    table.add_column("diagnosis", overflow="fold")
     for trial in (before, after):
         table.add_row(
             trial.name,
@@ -159,8 +160,10 @@ def run_demo(
             f"{trial.accuracy:.1%}",
             "healthy"
             if trial.report.healthy
-            else ", ".join(sorted({f.kind for f in trial.report.findings})),
-            str(trial.run_dir),
+            else "\n".join(sorted({f.kind for f in trial.report.findings})),
         )
     console.print(table)
+    # The paths go below the table: in a column, an 80-wide terminal cut them to "/tmp/gra…".
+    for trial in (before, after):
+        console.print(f"{trial.name}: gradwatch show {trial.run_dir}", soft_wrap=True)
     return before, after
