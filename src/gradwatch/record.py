@@ -40,6 +40,8 @@ class StepBuffer:
         # into the watched parameters' gradients (detailed steps only).
         self.error_passes: list[tuple[int, int]] = []
         self.accumulating: set[int] = set()
+        # Layers whose output summed to -inf, in order (read only with stop_on_nonfinite).
+        self.neginf: list[int] = []
 
     def add(self, key: Key, value: torch.Tensor, count: int = 0) -> None:
         self.keys.append(key)

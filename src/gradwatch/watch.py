@@ -230,6 +230,8 @@ class Watcher:
         self._open = StepBuffer(0, self._is_detail(0))
         self._closed = False
         self.nonfinite_steps: list[int] = []
+        # Layers whose -inf output a completed step absorbed: masks (see _stop_at_nonfinite).
+        self._known_masks: set[int] = set()
         self.scaler_skips = 0  # iterations whose optimizer step a GradScaler skipped
         self._loss_of_skipped = False  # a loss logged now belongs to a skipped iteration
         try:
@@ -598,8 +600,27 @@ class Watcher:
             buf.keys.append(("l", index, "fsum"))  # StepBuffer.add, inlined: a hot path
             buf.values.append(total)
             buf.counts.append(n)
-        if self.stop_on_nonfinite and not bool(torch.isfinite(total)):  # host sync, opt-in
-            raise NonFiniteError(self.layers[index].name, buf.step, "forward output")
+        if self.stop_on_nonfinite:
+            self._stop_at_nonfinite(index, total)
+
+    def _stop_at_nonfinite(self, index: int, total: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteError` if a layer's output sum is NaN or +inf.
+
+        -inf alone does not stop: logits masked with -inf sum to -inf on every step
+        while the loss absorbs them (the diagnosis calls that a mask, too). A -inf
+        the loss does not absorb makes the gradients non-finite, which stops the run.
+        A NaN or +inf is blamed on the step's first -inf output that is not a known
+        mask, if any: log(0) = -inf turns NaN in the next linear layer.
+        """
+        value = total.item()  # host sync, opt-in
+        if math.isfinite(value):
+            return
+        buf = self._open
+        if value == -math.inf:
+            buf.neginf.append(index)
+            return
+        origin = next((i for i in buf.neginf if i not in self._known_masks), index)
+        raise NonFiniteError(self.layers[origin].name, buf.step, "forward output")
 
     def _note_low_precision(self, dtype: torch.dtype) -> None:
         """Mark the run as computing in float16 or bfloat16: an overflow means more there."""
@@ -933,6 +954,8 @@ class Watcher:
         self._scratch.clear()
         self._set_optional_hooks("detail", False)
         buf.drop_errors_of_other_passes()
+        if not partial:  # its gradients were finite (checked with stop_on_nonfinite)
+            self._known_masks.update(buf.neginf)
         if buf.has_grads or (partial and buf.forward_seen):
             packed = buf.pack()
             packed.partial = partial  # type: ignore[attr-defined]
@@ -1274,8 +1297,13 @@ def watch(
         mode: "default"; "grads" (gradient norms only, the cheapest); "full" (every
             probe on every step).
         scaler: an AMP GradScaler, so that error norms and losses are reported unscaled.
-        stop_on_nonfinite: raise :class:`NonFiniteError` at the first inf/NaN, naming the
-            module. This syncs with the device every step.
+        stop_on_nonfinite: raise :class:`NonFiniteError` at the first NaN or +inf in a
+            module's output, naming the module, or at the first inf/NaN gradient, naming
+            the parameter. An output with -inf and neither NaN nor +inf does not stop
+            training: it is how logits are masked. If the loss does not absorb it, the
+            gradients turn non-finite and stop it; a NaN it causes later in the same
+            forward names the module that produced the -inf. This syncs with the device
+            every step.
         overwrite: replace a run already stored at ``run``. Without it, a store there
             that holds steps or layers raises :class:`gradwatch.RunExistsError`
             (a ``FileExistsError``), so that two runs never mix in one store.
