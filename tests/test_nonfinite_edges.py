@@ -1,10 +1,15 @@
 """Non-finite values that are not failures, and failures that must still be caught.
 
-Logits masked with -inf used to stop ``stop_on_nonfinite=True`` at step 0.
+Two ways a healthy run used to read as broken: logits masked with -inf stopped
+``stop_on_nonfinite=True`` at step 0, and under a GradScaler whose scale had grown
+past about 2**60 the errors' float32 squares overflowed, so their norms read inf.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +126,62 @@ def test_a_nan_that_follows_an_unknown_minus_inf_is_blamed_on_the_minus_inf(tmp_
             loss.backward()
             opt.step()
     assert caught.value.step == ARMED_STEP
+
+
+# ---------------------------------------------------------------- large loss scales
+SCALE = 2.0**70  # a long AMP run without overflows doubles its scale every 2000 steps
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
+    )
+
+
+def reference_errors(model, x, y) -> np.ndarray:
+    """||dL/d(output)|| of each top-level layer, by plain autograd, in float64."""
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, a, o: outs.append(o)) for m in model]
+    try:
+        loss = (model(x) - y).pow(2).mean()
+    finally:
+        for h in hooks:
+            h.remove()
+    return np.array([float(e.double().norm()) for e in torch.autograd.grad(loss, outs)])
+
+
+def test_error_norms_under_a_large_loss_scale_are_finite_and_right(tmp_path):
+    model = mlp()
+    x, y = torch.randn(128, 64), torch.randn(128, 10)
+    expected = reference_errors(model, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    with gradwatch.watch(model, opt, run=tmp_path, scaler=scaler, detail=1) as w:
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        # The scaled errors' squares pass float32's max; the gradients stay finite.
+        assert (SCALE * expected[1:]).min() > math.sqrt(torch.finfo(torch.float32).max)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        scaler.step(opt)
+        scaler.update()
+        w.log(loss=loss)
+    assert w.scaler_skips == 0  # the optimizer stepped: a real step
+    run = gradwatch.open_run(tmp_path)
+    got = run.matrix("error_norm")[0, [run.layers.index(str(i)) for i in range(5)]]
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert [r["nonfinite"] for r in run.step_table()] == [0]
+    assert not [f for f in gradwatch.diagnose(tmp_path).findings if f.kind == "nonfinite"]
+
+
+def test_wide_norm_overflows_only_past_float32s_range():
+    from gradwatch.probes.grads import wide_norm
+
+    big = torch.full((4096,), 1e19)  # squares of 1e38 each: float32 sums overflow
+    assert float(wide_norm(big)) == pytest.approx(64e19, rel=1e-6)
+    assert float(wide_norm(big[::2])) == pytest.approx(math.sqrt(2048) * 1e19, rel=1e-6)
+    assert float(wide_norm(big.bfloat16())) == pytest.approx(64e19, rel=1e-2)
+    assert float(wide_norm(torch.tensor([3.0, 4.0]))) == 5.0
+    assert math.isinf(wide_norm(torch.tensor([1.0, math.inf])))
+    assert math.isnan(wide_norm(torch.tensor([1.0, math.nan])))

@@ -41,6 +41,7 @@ from .probes.grads import (
     nonzero_count,
     nonzero_counts,
     vector_norm,
+    wide_norm,
 )
 from .probes.numerics import NonFiniteError
 from .probes.recurrent import recurrent_radius
@@ -754,7 +755,8 @@ class Watcher:
         """The hook that records a gradient's norm as the error of each layer in ``targets``."""
 
         def on_grad(grad: torch.Tensor) -> None:
-            norm = vector_norm(grad)
+            # Scaled by a GradScaler, errors may square past float32's range.
+            norm = wide_norm(grad)
             buf, task = self._open, _graph_task()
             for index in targets:
                 buf.error_passes.append((len(buf.keys), task))
