@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from ..remedies.catalogue import REMEDIES
+from .depth import ORDERS
 from .findings import Cause, Remedy, agree, layer_names
 from .profile import RunView, nanmedian
 
@@ -16,6 +17,8 @@ SATURATING_KINDS = {"sigmoid", "tanh", "hardsigmoid", "hardtanh", "softsign"}
 # sigma_b = 0 (Poole et al. 2016), 1 for a linear map.
 HEALTHY_INIT_GAIN = {"relu": math.sqrt(2.0), "relu6": math.sqrt(2.0), "tanh": 1.0, None: 1.0}
 INIT_TOLERANCE = 2.0  # a factor of 2 either way compounds to 2^depth
+HEALTHY_UPDATE_RATIO = 1e-3  # ||update|| / ||weight|| per step (CS231n)
+HIGH_UPDATE_RATIO = 1e-2  # an order of magnitude above it
 
 REMEDIES_FOR: dict[str, list[str]] = {
     "saturating_activation": ["relu", "gelu", "batchnorm", "residual"],
@@ -154,8 +157,40 @@ def depth_without_normalization(view: RunView, model: str, depth: int) -> Cause 
     return Cause("depth_without_normalization", text, 1.0, {"depth": depth})
 
 
-def recurrent_radius(view: RunView, model: str, above: bool) -> Cause | None:
-    cols = [j for j in _model_layers(view, model) if view.info[j].type in ("RNN", "LSTM", "GRU")]
+# A learning rate whose ordinary steps rewrite the whole weight (a median update/weight ratio
+# of 1, update_ratio.BLOWUP) blows a network up by itself; its cause scores 1 + log10(1 / 1e-3).
+RECURRENT_IN_FAILING_LAYER = 1.0 + math.log10(1.0 / HEALTHY_UPDATE_RATIO)
+
+
+def recurrent_radius(
+    view: RunView,
+    model: str,
+    above: bool,
+    layers: list[str] | tuple[str, ...] = (),
+    kinds: tuple[str, ...] = ("RNN", "LSTM", "GRU"),
+) -> Cause | None:
+    """The spectral radius of a recurrent layer at its first measurement, against 1.
+
+    Backpropagation through time multiplies the error by the recurrent Jacobian once per
+    time step, so a radius above 1 lets it grow with the sequence length and one below 1
+    lets it shrink (Pascanu et al. 2013). The sequence length is not recorded, so the cause
+    gives the number of steps over which radius^k reaches 100 or 1/100 (``ORDERS``, the span
+    the depth rules judge). That is the rate of the linearised recurrence (Gelfand's
+    formula), an estimate rather than a bound: the activation's derivative (at most 1 for
+    tanh and ReLU) changes each step's Jacobian.
+
+    The first measurement (at the first flush after a detailed step) reads the matrix the
+    run started from, unless the first updates already moved it; a radius that training
+    pushed above 1 later is the updates' doing, which the learning rate cause speaks for.
+
+    A vanilla RNN that is itself among ``layers`` (the layers whose gradient explodes) and
+    starts above 1 amplifies its error through time from the first step, whatever the
+    learning rate: it scores as a learning rate whose ordinary steps rewrite the whole
+    weight would (``RECURRENT_IN_FAILING_LAYER``), so only a learning rate at least that
+    high ranks above it. Elsewhere a vanilla RNN scores 2.5; gated cells (LSTM, GRU) carry
+    the error in their cell state past the recurrent matrix, so its radius says less: 1.
+    """
+    cols = [j for j in _model_layers(view, model) if view.info[j].type in kinds]
     radius = view.m("recurrent_radius")
     found = []
     for j in cols:
@@ -165,33 +200,50 @@ def recurrent_radius(view: RunView, model: str, above: bool) -> Cause | None:
     hits = [f for f in found if (f[2] > 1.0 if above else f[2] < 0.9)]
     if not hits:
         return None
-    name, kind, r = max(hits, key=lambda f: abs(math.log(f[2])))
-    direction = "above" if above else "below"
+    name, kind, r = max(hits, key=lambda f: abs(math.log10(max(f[2], 1e-300))))
+    direction, change = ("above", "grows") if above else ("below", "shrinks")
+    steps = math.ceil(ORDERS / abs(math.log10(r))) if r > 0 else 1
     text = (
-        f"the recurrent matrix of {name} ({kind}) has spectral radius {r:.3g}, {direction} 1: backpropagation "
-        f"through time multiplies the error by it once per time step"
+        f"the recurrent matrix of {name} ({kind}) has spectral radius {r:.3g} from the start, {direction} 1: "
+        f"backpropagation through time multiplies the error by it once per time step, which {change} it "
+        f"{10**ORDERS:.0f}-fold within {steps} steps ({r:.3g}^{steps} = {r**steps:.1e})"
     )
-    score = 2.5 if kind == "RNN" else 1.0
-    return Cause(
-        f"recurrent_radius_{direction}_1", text, score, {"layer": name, "spectral_radius": r}
-    )
+    if kind != "RNN":
+        score = 1.0
+    elif above and name in layers:
+        score = RECURRENT_IN_FAILING_LAYER
+    else:
+        score = 2.5
+    evidence = {"layer": name, "spectral_radius": r, f"steps_to_{change[:-1]}_100x": steps}
+    return Cause(f"recurrent_radius_{direction}_1", text, score, evidence)
 
 
 def learning_rate(view: RunView, rows: np.ndarray, high: bool) -> Cause | None:
+    """Updates too large for the weights: a layer whose median update/weight ratio over ``rows`` is high.
+
+    The ratio is the learning rate times the gradient over the weight, so a step whose
+    gradient spiked has a large ratio at any learning rate. The median of each layer over
+    the steps given reads the learning rate; the largest single ratio would read the spike.
+    Callers pass the steps up to the harm. The cause holds when the layer that moves most
+    moves more than ``HIGH_UPDATE_RATIO`` of its norm in its median step.
+    """
     ratio = view.m("update_ratio")[rows]
-    if not np.isfinite(ratio).any():
+    if not high or not np.isfinite(ratio).any():
         return None
-    med = float(nanmedian(ratio))
-    top = float(np.nanmax(ratio))
-    if high and top > 1e-2:
-        text = (
-            f"learning rate too high for the weights' scale: updates reach {top:.1e} of the weight norm "
-            f"per step (median {med:.1e}; about 1e-3 is healthy)"
-        )
-        return Cause(
-            "learning_rate_too_high", text, 1.0 + math.log10(top / 1e-3), {"max_update_ratio": top}
-        )
-    return None
+    per_layer = nanmedian(ratio, axis=0)
+    col = int(np.nanargmax(per_layer))
+    med, top = float(per_layer[col]), float(np.nanmax(ratio))
+    if med <= HIGH_UPDATE_RATIO:
+        return None
+    name = view.names[col]
+    text = (
+        f"learning rate too high for the weights' scale: the median step moves {layer_names([name])} by "
+        f"{med:.1e} of its weight norm (up to {top:.1e}; about 1e-3 is healthy)"
+    )
+    evidence = {"layer": name, "median_update_ratio": med, "max_update_ratio": top}
+    return Cause(
+        "learning_rate_too_high", text, 1.0 + math.log10(med / HEALTHY_UPDATE_RATIO), evidence
+    )
 
 
 def log_of_zero(view: RunView, row: int, col: int) -> Cause | None:

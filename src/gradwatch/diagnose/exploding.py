@@ -114,11 +114,14 @@ def _over_time(view: RunView) -> Finding | None:
     top = max((r for _, r in found[order[0]]), default=0.0)
     first_col = min(found, key=lambda c: found[c][0][0])
     first_ratio = found[first_col][0][1]
-    rows = np.arange(max(0, first_row - HISTORY), first_row + 1)
+    # The learning rate is read from the last measured updates before the first spike: a
+    # spike's own update is large at any learning rate.
+    measured = np.isfinite(view.m("update_ratio")[:first_row]).any(axis=1)
+    rows = np.flatnonzero(measured)[-HISTORY:]
     model = view.info[order[0]].model or ""
     found_causes = causes.rank(
         [
-            causes.recurrent_radius(view, model, above=True),
+            causes.recurrent_radius(view, model, above=True, layers=layers),
             causes.learning_rate(view, rows, high=True),
             causes.init_scale(view, model, "large"),
         ]
@@ -160,7 +163,7 @@ def check(view: RunView) -> list[Finding]:
             [
                 causes.init_scale(view, episode.model, "large"),
                 causes.learning_rate(view, view.finite_rows, high=True),
-                causes.recurrent_radius(view, episode.model, above=True),
+                causes.recurrent_radius(view, episode.model, above=True, layers=layers),
             ]
         )
         summary = (
