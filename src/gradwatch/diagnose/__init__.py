@@ -4,7 +4,8 @@ Each rule lives in its own module and turns a :class:`RunView` into findings. Th
 rules measure pathologies; :func:`diagnose` then grades them by harm (an ``error``
 when the loss stalls, diverges or turns non-finite while the pathology holds, a
 ``warning`` when the pathology is clear but harm is not shown) and attaches the
-remedies that answer each finding's causes, best first.
+remedies that answer each finding's causes, best first. A loss plateau beside healthy
+gradients is a note, not harm (see :func:`.loss_plateau.grade`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def diagnose(run: Run | str | Path) -> Report:
             return diagnose(opened)
     view = RunView(run)
     findings = [f for rule in RULES for f in rule.check(view)]
+    for plateau in [f for f in findings if f.kind == "loss_plateau"]:
+        loss_plateau.grade(plateau, [f for f in findings if f is not plateau], view)
     harmed = {f.kind for f in findings if f.severity != "info"} & HARM
     for finding in findings:
         if finding.kind in PATHOLOGIES:
