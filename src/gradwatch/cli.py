@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from .diagnose import diagnose
 from .diagnose.findings import json_ready
-from .store import RunStoreError, check_new_store, fresh_path, open_run
+from .store import RunStoreError, check_new_store, fresh_path, open_run, store_file
 
 app = typer.Typer(
     help="Find, explain and fix vanishing and exploding gradients in PyTorch training.",
@@ -41,25 +41,59 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _json_target(path: Path | None) -> Path | None:
-    """The absolute path of a --json file, checked before any work: its directory exists."""
-    if path is None:
-        return None
+# --json - writes the report to stdout.
+STDOUT = Path("-")
+# --every and --detail-every beyond this overflow the step arithmetic (int64).
+MAX_PERIOD = 2**62
+MAX_PERIOD_TEXT = "2**62"
+MAX_DEMO_STEPS = 100_000
+
+
+def _json_target(
+    path: Path | None, protected: dict[Path, str] | None = None, made: Path | None = None
+) -> Path | None:
+    """The absolute path of a --json file, checked before any work: its directory exists.
+
+    ``-`` stays ``-``: the report goes to stdout. ``protected`` maps files the report must
+    not replace (the run store, the script) to what they are; ``made`` is a directory
+    that the command creates, with its parents, before it writes the report (the run
+    directory).
+    """
+    if path is None or path == STDOUT:
+        return path
     target = path.resolve()
+    for kept, what in (protected or {}).items():
+        if target == kept.resolve():
+            raise fail(f"--json {path} is {what}: the report would replace it; name another file")
     if target.is_dir():
         raise fail(f"--json {path} is a directory; give a file name")
-    if not target.parent.is_dir():
-        raise fail(f"--json {path}: no such directory {target.parent}")
-    if not os.access(target.parent, os.W_OK) or (
-        target.exists() and not os.access(target, os.W_OK)
-    ):
+    folder = target.parent
+    if not folder.is_dir() and not (made is not None and folder in (made, *made.parents)):
+        raise fail(f"--json {path}: no such directory {folder}")
+    while not folder.exists():  # a directory the command makes: its first existing parent
+        folder = folder.parent
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise fail(f"--json {path}: not writable")
     return target
 
 
+def _store_files(run_path: Path) -> dict[Path, str]:
+    """The run store behind ``run_path`` and its SQLite sidecars, as files not to replace."""
+    file = store_file(run_path)
+    sidecars = [file.with_name(file.name + end) for end in ("-wal", "-shm", "-journal")]
+    return {
+        f: "the run store" if f == file else "a file of the run store" for f in [file, *sidecars]
+    }
+
+
 def _write_json(target: Path, data: dict) -> bool:
+    text = json.dumps(json_ready(data), indent=2, allow_nan=False)
+    if target == STDOUT:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return True
     try:
-        target.write_text(json.dumps(json_ready(data), indent=2, allow_nan=False))
+        target.write_text(text)
     except OSError as exc:
         fail(f"could not write --json {target}: {exc}")
         return False
@@ -87,7 +121,8 @@ def run(
         str, typer.Option(help="default, grads (cheapest) or full (every probe, every step).")
     ] = "default",
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write the report as JSON to this file.")
+        Path | None,
+        typer.Option("--json", help="Write the report as JSON to this file (- for stdout)."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a run already stored at --out.")
@@ -111,11 +146,15 @@ def run(
         raise fail(f"no such script: {script}")
     if mode not in MODES:
         raise fail(f"--mode must be one of {', '.join(MODES)}")
-    if every < 1 or detail_every < 1:
-        raise fail("--every and --detail-every must be at least 1")
-    json_out = _json_target(json_out)
+    if not (1 <= every <= MAX_PERIOD and 1 <= detail_every <= MAX_PERIOD):
+        raise fail(f"--every and --detail-every must be at least 1 and at most {MAX_PERIOD_TEXT}")
     # Absolute, since the script may change the working directory.
     run_dir = (out or fresh_path(default_run_dir(script.stem))).resolve()
+    json_out = _json_target(
+        json_out,
+        {**_store_files(run_dir), script: "the training script"},
+        made=store_file(run_dir).parent,
+    )
     try:
         watcher = Watcher(
             None,
@@ -133,7 +172,7 @@ def run(
     try:
         with open_run(run_dir) as stored:
             for line in summary_lines(stored):
-                err.print(line)
+                err.print(line, markup=False, soft_wrap=True)  # a path may hold '[' ... ']'
             report = diagnose(stored)
             err.print(report)
             data = report.to_dict()
@@ -147,7 +186,27 @@ def run(
         }
     if json_out is not None:
         _write_json(json_out, data)  # the exit status stays the script's own
+    if result.exit_code:
+        _hint_misplaced_options(args or [])
     raise typer.Exit(result.exit_code)
+
+
+# gradwatch run's own options: after SCRIPT they are the script's (see _hint_misplaced_options).
+_RUN_OPTIONS = ("--out", "--every", "--detail-every", "--mode", "--json", "--overwrite")
+
+
+def _hint_misplaced_options(args: list[str]) -> None:
+    """After a failed script, point at gradwatch options that went to it by their place."""
+    given = list(dict.fromkeys(a.split("=", 1)[0] for a in args))
+    given = [a for a in given if a in _RUN_OPTIONS]
+    if given:
+        it = "it" if len(given) == 1 else "them"
+        err.print(
+            f"note: {', '.join(given)} came after SCRIPT, so the script got {it}, not "
+            "gradwatch; gradwatch's options go before SCRIPT",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 def _run_summary(stored, exit_code: int) -> dict:
@@ -181,16 +240,28 @@ def diagnose_command(
         Path, typer.Argument(metavar="RUN", help="A run directory or its run.sqlite.")
     ],
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Also write the report as JSON to this file; - writes it to stdout "
+            "(and the text to stderr).",
+        ),
     ] = None,
 ) -> None:
     """Diagnose a recorded run: which layer fails, since when, why, and what to change."""
-    json_out = _json_target(json_out)
+    from .report.terminal import status_line
+
+    json_out = _json_target(json_out, _store_files(run_path))
     try:
-        report = diagnose(run_path)
+        with open_run(run_path) as stored:
+            report = diagnose(stored)
+            status = status_line(stored)
     except RunStoreError as exc:
         raise fail(str(exc)) from None
-    Console().print(report)
+    console = err if json_out == STDOUT else Console()
+    if status:
+        console.print(status, soft_wrap=True, highlight=False)
+    console.print(report)
     if json_out is not None and not _write_json(json_out, report.to_dict()):
         raise typer.Exit(1)
 
@@ -213,6 +284,8 @@ def demo(
 
     if steps < 30:
         raise fail("--steps must be at least 30 for the diagnosis to judge the loss")
+    if steps > MAX_DEMO_STEPS:  # 300 take well under a minute; this many, hours
+        raise fail(f"--steps must be at most {MAX_DEMO_STEPS}")
     if out is not None:
         out = out.resolve()
         if out.exists() and not out.is_dir():

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -17,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ._extras import require
 from .activations import KNOWN_ACTIVATIONS
 from .meanfield import MeanField, PhaseDiagram, critical_sigma_w2, phase_diagram
 
@@ -57,9 +62,11 @@ def critical(
     as_json: AsJson = False,
 ) -> None:
     """The order-to-chaos line: the sigma_w2 where chi1 = 1, and q* there."""
+    _check_finite(sigma_b2=sigma_b2)
     try:
-        sigma_w2 = float(critical_sigma_w2(activation, sigma_b2))
-        mf = MeanField(activation, sigma_w2, sigma_b2)
+        with _quiet():
+            sigma_w2 = float(critical_sigma_w2(activation, sigma_b2))
+            mf = MeanField(activation, sigma_w2, sigma_b2)
     except (ValueError, TypeError) as err:
         _fail(err)
     except ImportError as err:
@@ -97,17 +104,20 @@ def meanfield(
     JSON keys: activation, sigma_w2, sigma_b2, q_star, chi1, c_star, xi_q, xi_c,
     xi_grad, trainable_depth (null: infinite, e.g. a depth scale at criticality).
     """
+    _check_finite(sigma_w2=sigma_w2, sigma_b2=sigma_b2)
     try:
-        mf = MeanField(activation, sigma_w2, sigma_b2)
+        with _quiet():
+            mf = MeanField(activation, sigma_w2, sigma_b2)
     except (ValueError, TypeError) as err:
         _fail(err)
     if as_json:
         typer.echo(json.dumps(mf.to_dict()))
         return
     table = Table(title=f"{mf.activation.name}, sigma_w2 = {sigma_w2:g}, sigma_b2 = {sigma_b2:g}")
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
-    table.add_column("meaning")
+    # Names and numbers are never cut on a narrow terminal; the meaning wraps instead.
+    table.add_column("quantity", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("meaning", overflow="fold")
     rows = [
         ("q_star", mf.q_star, "fixed point of the pre-activation variance"),
         ("chi1", mf.chi1, "per-layer factor of the squared gradient norm"),
@@ -145,18 +155,28 @@ def phase(
     ] = None,
 ) -> None:
     """The phase diagram: chi1 and the depth scale xi_c over (sigma_w2, sigma_b2)."""
+    _check_finite(
+        sigma_w2_min=sigma_w2_min,
+        sigma_w2_max=sigma_w2_max,
+        sigma_b2_min=sigma_b2_min,
+        sigma_b2_max=sigma_b2_max,
+    )
+    if output is not None:  # before the grid is computed, which may take a minute
+        _check_output(output)
     try:
         if sigma_w2_min > sigma_w2_max or sigma_b2_min > sigma_b2_max:
             raise ValueError("each grid minimum must not exceed its maximum")
-        diagram = phase_diagram(
-            activation,
-            np.linspace(sigma_w2_min, sigma_w2_max, points),
-            np.linspace(sigma_b2_min, sigma_b2_max, points),
-        )
+        with _quiet():
+            diagram = phase_diagram(
+                activation,
+                np.linspace(sigma_w2_min, sigma_w2_max, points),
+                np.linspace(sigma_b2_min, sigma_b2_max, points),
+            )
     except (ValueError, TypeError) as err:
         _fail(err)
     if output is None:
-        _print_phase(diagram)
+        with _quiet():
+            _print_phase(diagram)
         return
     try:
         from .phase_html import write_phase_html
@@ -165,15 +185,50 @@ def phase(
     except ImportError as err:
         _fail(err, code=1)
     except OSError as err:
-        _fail(err, code=1)
+        _fail(f"could not write {output}: {err.strerror or err}", code=1)
     typer.echo(f"wrote {output}")
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an --output that cannot be written, and a missing plotly, before any work."""
+    try:
+        require("plotly", "html")
+    except ImportError as err:
+        _fail(err, code=1)
+    target = output.resolve()
+    if target.is_dir():
+        _fail(f"--output {output} is a directory; give a file name, e.g. {output / 'phase.html'}")
+    if not target.parent.is_dir():
+        _fail(f"--output {output}: no such directory {target.parent}")
+    if not os.access(target.parent, os.W_OK) or (
+        target.exists() and not os.access(target, os.W_OK)
+    ):
+        _fail(f"--output {output}: not writable")
+
+
+def _check_finite(**values: float) -> None:
+    """A one-line error for a NaN or infinite option (typer parses 'nan' and 'inf' as floats)."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            _fail(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence numpy's overflow warnings: extreme variances end in a result or a clear error."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def _verdict(mf: MeanField) -> str:
     if math.isinf(mf.q_star):
+        # chi1 says which way: it is not always above 1 here (see the extreme sigma_w2).
+        direction = "grow" if mf.chi1 > 1 else "shrink" if mf.chi1 < 1 else "keep their size"
+        by = "" if mf.chi1 == 1 else f" by chi1 = {mf.chi1:.4g} per layer"
         return (
-            f"The pre-activations grow without bound (q* = inf): gradients grow by "
-            f"chi1 = {mf.chi1:.4g} per layer."
+            f"The pre-activations grow without bound (q* = inf): squared gradient norms "
+            f"{direction}{by}."
         )
     if mf.phase == "critical":
         return "At the edge of chaos: signals and gradients propagate through any depth."
@@ -188,22 +243,38 @@ def _verdict(mf: MeanField) -> str:
 def _print_phase(diagram: PhaseDiagram) -> None:
     console = Console()
     rows = np.unique(np.linspace(0, diagram.sigma_b2.size - 1, 6).round().astype(int))
-    cols = np.unique(np.linspace(0, diagram.sigma_w2.size - 1, 8).round().astype(int))
+    label = "sigma_b2 \\ sigma_w2"
+    label_width = max([len(w) for w in label.split()] + [len(f"{b:.3g}") for b in diagram.sigma_b2])
+
+    def cells(j: int) -> list[str]:
+        return [f"{diagram.xi_c[i, j]:.3g}" for i in rows]
+
+    def need(j: int) -> int:
+        return max(len(c) for c in [f"{diagram.sigma_w2[j]:.3g}", *cells(j)])
+
+    # As many of (up to) 8 sigma_w2 columns as the terminal holds without cutting a number:
+    # each column takes its width, two spaces of padding and a rule.
+    for n_cols in range(8, 1, -1):
+        cols = np.unique(np.linspace(0, diagram.sigma_w2.size - 1, n_cols).round().astype(int))
+        if label_width + 4 + sum(need(j) + 3 for j in cols) <= console.width:
+            break
     table = Table(
         title=f"{diagram.activation}: correlation depth scale xi_c "
         "([blue]ordered[/], [red]chaotic[/], inf = critical)"
     )
-    table.add_column("sigma_b2 \\ sigma_w2")
+    table.add_column(label, min_width=label_width, overflow="fold")
     for j in cols:
-        table.add_column(f"{diagram.sigma_w2[j]:.3g}", justify="right")
+        table.add_column(f"{diagram.sigma_w2[j]:.3g}", justify="right", width=need(j))
     for i in rows:
-        cells = []
+        cells_i = []
         for j in cols:
             xi, chi = diagram.xi_c[i, j], diagram.chi1[i, j]
             colour = "blue" if chi < 1 else "red"
-            cells.append(f"[{colour}]{xi:.3g}[/]")
-        table.add_row(f"{diagram.sigma_b2[i]:.3g}", *cells)
+            cells_i.append(f"[{colour}]{xi:.3g}[/]")
+        table.add_row(f"{diagram.sigma_b2[i]:.3g}", *cells_i)
     console.print(table)
+    if np.isnan(diagram.xi_c[np.ix_(rows, cols)]).any():
+        console.print("nan: no xi_c where q* = inf (the pre-activations grow without bound)")
     line = _critical_line(diagram)
     if line:
         pairs = ", ".join(f"{sw:.4g} at sigma_b2 = {sb:.3g}" for sb, sw in line)

@@ -161,8 +161,9 @@ def analyse(model: nn.Module, x: torch.Tensor, k: int, method: str = "auto") -> 
     return result
 
 
-def _table(target: str, shape: tuple[int, ...], out: dict) -> Table:
-    table = Table(title=f"Jacobian spectrum of {target} at one input of shape {shape}")
+def _table(target: str, shape: tuple[int, ...], out: dict, plus_minus: str = "±") -> Table:
+    # escape: the target is a path, and a '[' in it is not markup.
+    table = Table(title=f"Jacobian spectrum of {escape(target)} at one input of shape {shape}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     m, n = out["jacobian_shape"]
@@ -173,7 +174,7 @@ def _table(target: str, shape: tuple[int, ...], out: dict) -> Table:
     table.add_row("m1 = mean s^2", f"{out['m1']:.6g}")
     nv = f"{out['normalized_variance']:.6g}"
     if out["normalized_variance_se"] is not None:
-        nv += f" ± {out['normalized_variance_se']:.2g}"
+        nv += f" {plus_minus} {out['normalized_variance_se']:.2g}"
     table.add_row("var/mean^2 of s^2", nv)
     cond = out["condition_number"]
     table.add_row(
@@ -194,7 +195,8 @@ def jacobian(
             "--input-shape",
             help="Input shape with its batch dimension, e.g. 8,3,32,32. The Jacobian is "
             "taken at the first sample only (batch of 1): a batch's Jacobian is "
-            "block-diagonal (its spectrum joins the per-sample ones) and costs B^2 times more.",
+            "block-diagonal (its spectrum joins the per-sample ones) and costs B^2 times more. "
+            "The sample drawn does not depend on the batch size.",
         ),
     ],
     k: Annotated[int, typer.Option("--k", min=1, help="How many singular values to list.")] = 10,
@@ -219,10 +221,19 @@ def jacobian(
         shape = parse_shape(input_shape)
         if method not in ("auto", "exact", "iterative"):
             raise ValueError(f"--method must be auto, exact or iterative, not {method!r}")
+        if not -(2**63) <= seed < 2**64:  # what torch's generators take
+            raise ValueError(f"--seed must fit in 64 bits, got {seed}")
     except ValueError as error:
         raise _fail(str(error)) from None
     model.eval()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))[:1]
+    # Only the first sample is drawn: the batch may be far larger than memory, and the
+    # input is then the same for any batch size.
+    try:
+        x = torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(seed))
+    except RuntimeError as error:  # one sample larger than memory
+        raise _fail(
+            f"--input-shape {input_shape}: one sample does not fit in memory: {error}"
+        ) from None
     try:
         out = analyse(model, x, k, method)
     except ValueError as error:
@@ -231,7 +242,10 @@ def jacobian(
     if json:
         typer.echo(jsonlib.dumps(out, indent=2))
     else:
-        Console().print(_table(target, tuple(x.shape), out))
+        console = Console()
+        # A terminal that cannot print "±" (PYTHONIOENCODING=ascii) gets "+/-".
+        plus_minus = "±" if console.encoding.lower().startswith("utf") else "+/-"
+        console.print(_table(target, tuple(x.shape), out, plus_minus))
 
 
 __all__ = ["analyse", "jacobian", "load_factory", "parse_shape"]
