@@ -10,6 +10,7 @@ from gradwatch.cli import app
 
 
 def test_demo_diagnoses_treats_and_verifies(tmp_path):
+    tmp_path = tmp_path / "demo[/]out"  # a path that rich would read as markup
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     before = gradwatch.diagnose(tmp_path / "before")

@@ -165,5 +165,5 @@ def run_demo(
     console.print(table)
     # The paths go below the table: in a column, an 80-wide terminal cut them to "/tmp/gra…".
     for trial in (before, after):
-        console.print(f"{trial.name}: gradwatch show {trial.run_dir}", soft_wrap=True)
+        console.print(f"{trial.name}: gradwatch show {trial.run_dir}", soft_wrap=True, markup=False)
     return before, after
