@@ -19,31 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness import cli, flat
 from torch import nn
-from typer.testing import CliRunner
 
 import gradwatch
-from gradwatch.cli import app
 from gradwatch.diagnose.findings import Finding, Remedy, Report
 from gradwatch.theory.meanfield import phase_diagram
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def cli(*args: str, env: dict[str, str] | None = None, script_fails: bool = False):
-    """Invoke the app; a traceback is allowed only for a failing script, and only its own."""
-    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
-    if script_fails:
-        assert "gradwatch/" not in result.output.split("run store:")[0], result.output
-    else:
-        assert "Traceback" not in result.output, result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 def watched(run, steps: int = 12, *, act: type[nn.Module] = nn.Tanh, **kwargs) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import cli, flat
 from torch import nn
 from typer.testing import CliRunner
 
@@ -45,19 +46,6 @@ def script(folder: Path, body: str = "", *, steps: int = 3, width: int = 8, seed
     path = folder / f"train_{steps}_{width}_{abs(hash(body)) % 10**6}.py"
     path.write_text(TRAIN.format(steps=steps, width=width, seed=seed) + textwrap.dedent(body))
     return path
-
-
-def cli(*args: str):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def flat(text: str) -> str:
-    """Output with rich's line breaks undone, to look for a message in it."""
-    return " ".join(text.split())
 
 
 def watched(run, steps: int = 3, **kwargs) -> gradwatch.Watcher:

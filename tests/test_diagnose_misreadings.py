@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from harness import train_and_diagnose
 from torch import nn
 
 import gradwatch
@@ -28,20 +29,6 @@ def loud(report):
 
 def cause_ids(report):
     return {c.id for f in report.findings for c in f.causes}
-
-
-def run(tmp_path, model, optimizer, batch, loss_fn, steps, scheduler=None):
-    with gradwatch.watch(model, optimizer, run=tmp_path / "run") as w:
-        for step in range(steps):
-            x, y = batch(step)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            w.log(loss=loss)
-    return gradwatch.diagnose(tmp_path / "run")
 
 
 def regression(n_in):
@@ -69,7 +56,7 @@ def test_layers_that_no_error_reaches_are_not_blamed_on_the_learning_rate(tmp_pa
     assert model[4].bias.grad.abs().max() > 0
     model.zero_grad()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    report = run(tmp_path, model, opt, batch, nn.functional.mse_loss, 40)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 40)
     assert "learning_rate_too_low" not in cause_ids(report), loud(report)
     no_grad = [f for f in report.of_kind("update_ratio") if f.causes[0].id == "no_gradient"]
     assert len(no_grad) == 1 and no_grad[0].layers == ["0", "2"], loud(report)
@@ -99,7 +86,9 @@ def test_weights_rewritten_in_the_first_steps_are_too_fast_even_once_the_layers_
             assert 100 * layer.weight.grad.norm() > layer.weight.norm()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 2000.0 if s < 5 else 1.0)
-    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 80, schedule)
+    report = train_and_diagnose(
+        tmp_path, model, opt, batch, nn.functional.cross_entropy, 80, schedule
+    )
     with torch.no_grad():  # plain torch: the hidden units are (nearly all) dead afterwards
         assert (model[:4](torch.randn(1000, 8)) > 0).any(0).float().mean() < 0.2
     fast = [f for f in report.of_kind("update_ratio") if f.causes[0].id == "learning_rate_too_high"]
@@ -127,7 +116,7 @@ def test_a_loss_that_blows_up_in_the_first_steps_and_ends_where_it_began_has_not
     def batch(step):
         return torch.randn(64, 8), torch.randint(0, 4, (64,))
 
-    report = run(tmp_path, model, opt, batch, loss_fn, 60, schedule)
+    report = train_and_diagnose(tmp_path, model, opt, batch, loss_fn, 60, schedule)
     assert sorted(losses[:5])[2] > 10 * losses[0]  # the median of the first five: blown up
     assert abs(losses[0] - math.log(4)) < 0.2 and abs(losses[-1] - math.log(4)) < 0.2
     assert "loss_plateau" in kinds(report), loud(report)
@@ -165,7 +154,7 @@ def test_layers_whose_error_underflowed_to_zero_are_named_in_a_vanishing_finding
     float64, float32 = error_rms(torch.float64), error_rms(torch.float32)
     assert min(float64) > 0 and float32[0] == 0 and float32[-1] > 0  # underflow, not a true zero
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 30)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.cross_entropy, 30)
     finding = kinds(report).get("vanishing_gradient")
     assert finding is not None, loud(report)
     ev = finding.evidence
@@ -187,7 +176,9 @@ def test_a_confident_sigmoid_output_under_bce_is_not_saturation(tmp_path):
 
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1), nn.Sigmoid())
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    report = run(tmp_path, model, opt, batch, nn.functional.binary_cross_entropy, 500)
+    report = train_and_diagnose(
+        tmp_path, model, opt, batch, nn.functional.binary_cross_entropy, 500
+    )
     x, y = batch(0)  # plain autograd: BCE's gradient at the logit is p - y, nothing lost
     logit = model[:3](x).detach().requires_grad_()
     p = torch.sigmoid(logit)
@@ -208,7 +199,7 @@ def test_a_saturated_sigmoid_output_that_stalls_the_loss_is_still_saturation(tmp
         return x, (x[:, :1] > 0).float()
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    report = run(tmp_path, model, opt, batch, nn.functional.mse_loss, 40)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 40)
     found = kinds(report)
     assert "loss_plateau" in found and "saturation" in found, loud(report)
     assert found["saturation"].layers == ["3"]
@@ -230,7 +221,7 @@ def test_gradient_spikes_from_mislabelled_samples_are_not_exploding_gradients(tm
 
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 2))
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 400)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.cross_entropy, 400)
     from gradwatch.diagnose import exploding
     from gradwatch.diagnose.profile import RunView
     from gradwatch.store import open_run
@@ -255,7 +246,7 @@ def test_exploding_over_depth_reports_its_orders_of_magnitude_as_the_summary_doe
     def batch(step):
         return torch.randn(32, 16), torch.randn(32, 16)
 
-    report = run(tmp_path, model, opt, batch, nn.functional.mse_loss, 20)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 20)
     finding = kinds(report)["exploding_gradient"]
     orders = finding.evidence["orders_of_magnitude_across_depth"]
     assert abs(orders - 11 * math.log10(2)) < 0.1, orders
@@ -284,7 +275,7 @@ def test_logits_masked_with_minus_inf_are_a_note_not_a_failure(tmp_path):
         x = torch.randn(32, 8)
         return x, x[:, :3].argmax(1)  # learnable: the largest of the first three features
 
-    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 80)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.cross_entropy, 80)
     # The independent check: the masked logit's probability is exactly 0 and the loss is finite.
     x, y = batch(0)
     probs = model(x).softmax(1)
@@ -307,7 +298,7 @@ def test_a_mask_does_not_hide_a_vanishing_gradient(tmp_path):
         x = torch.randn(64, 32)
         return x, x[:, :3].argmax(1)
 
-    report = run(tmp_path, model, opt, batch, nn.functional.cross_entropy, 40)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.cross_entropy, 40)
     assert "vanishing_gradient" in kinds(report), loud(report)
 
 
@@ -317,12 +308,14 @@ def test_a_compiled_model_is_said_to_be_unmeasured_not_healthy(tmp_path):
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
     compiled = torch.compile(model, backend="eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    report = run(
+    report = train_and_diagnose(
         tmp_path, compiled, opt, lambda step: regression(16)(step), nn.functional.mse_loss, 12
     )
     note = kinds(report)["unmeasured"]
     assert note.severity == "info" and report.healthy
-    plain = run(tmp_path / "plain", model, opt, regression(16), nn.functional.mse_loss, 12)
+    plain = train_and_diagnose(
+        tmp_path / "plain", model, opt, regression(16), nn.functional.mse_loss, 12
+    )
     assert "unmeasured" not in kinds(plain)
 
 
@@ -336,7 +329,7 @@ def test_layers_a_vanishing_error_starves_are_not_blamed_on_the_learning_rate(tm
         layers += [linear, nn.Tanh()]
     model = nn.Sequential(*layers, nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    report = run(tmp_path, model, opt, regression(32), nn.functional.mse_loss, 60)
+    report = train_and_diagnose(tmp_path, model, opt, regression(32), nn.functional.mse_loss, 60)
     found = kinds(report)
     assert "vanishing_gradient" in found, loud(report)
     starved = set(found["vanishing_gradient"].layers)
@@ -407,6 +400,6 @@ def test_layers_whose_forward_went_unmeasured_are_named(tmp_path):
     torch.manual_seed(0)
     model = Checkpointed()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    report = run(tmp_path, model, opt, regression(16), nn.functional.mse_loss, 6)
+    report = train_and_diagnose(tmp_path, model, opt, regression(16), nn.functional.mse_loss, 6)
     note = kinds(report)["unmeasured"]
     assert note.severity == "info" and note.layers == ["block.0", "block.2"]

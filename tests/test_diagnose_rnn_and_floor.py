@@ -12,9 +12,8 @@ import math
 
 import pytest
 import torch
+from harness import train_and_diagnose
 from torch import nn
-
-import gradwatch
 
 
 def kinds(report):
@@ -27,18 +26,6 @@ def loud(report):
         for f in report.findings
         if f.severity != "info"
     ]
-
-
-def train(tmp_path, model, optimizer, batch, loss_fn, steps):
-    with gradwatch.watch(model, optimizer, run=tmp_path / "run") as w:
-        for step in range(steps):
-            x, y = batch(step)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            w.log(loss=loss)
-    return gradwatch.diagnose(tmp_path / "run")
 
 
 class LastStep(nn.Module):
@@ -84,7 +71,7 @@ def test_an_rnn_that_starts_above_radius_1_has_the_radius_ranked_before_the_lear
     assert spectral_radius(model.rnn.weight_hh_l0) == pytest.approx(1.2, rel=1e-4)  # plain torch
     batch = sequences(512, 60, 8, lambda x: x[:, :5, 0].sum(1, keepdim=True))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    report = train(tmp_path, model, opt, batch, nn.functional.mse_loss, 60)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 60)
     finding = kinds(report).get("exploding_gradient")
     assert finding is not None and "rnn" in finding.layers, loud(report)
     ids = [c.id for c in finding.causes]
@@ -108,7 +95,7 @@ def test_an_rnn_whose_radius_only_grew_past_1_under_a_high_learning_rate_blames_
     assert spectral_radius(model.rnn.weight_hh_l0) < 0.9  # plain torch: it starts below 1
     batch = sequences(1024, 40, 4, lambda x: 3 * x[:, :, :1].mean(1))
     opt = torch.optim.SGD(model.parameters(), lr=0.6)
-    report = train(tmp_path, model, opt, batch, nn.functional.mse_loss, 56)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 56)
     end = model.rnn.weight_hh_l0.detach()  # plain torch: the updates blew the matrix up
     assert not torch.isfinite(end).all() or spectral_radius(end) > 1  # (LAPACK needs finite input)
     finding = kinds(report).get("exploding_gradient")
@@ -136,7 +123,7 @@ def test_a_feed_forward_net_exploding_from_a_high_learning_rate_blames_the_learn
             return x, torch.tanh(teacher(x))
 
     opt = torch.optim.SGD(model.parameters(), lr=0.12)
-    report = train(tmp_path, model, opt, batch, nn.functional.mse_loss, 20)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 20)
     finding = kinds(report).get("exploding_gradient")
     assert finding is not None, loud(report)
     assert finding.causes[0].id == "learning_rate_too_high", [c.text for c in finding.causes]
@@ -165,7 +152,7 @@ def test_a_model_that_starts_at_its_optimum_is_healthy_and_its_flat_loss_a_note(
     x, y = batch(0)  # plain autograd: the expected gradient is zero, only the noise's is left
     loss = nn.functional.mse_loss(model(x), y)
     assert loss.item() == pytest.approx(0.25, rel=0.5)
-    report = train(tmp_path, model, opt, batch, nn.functional.mse_loss, 100)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 100)
     assert report.healthy, loud(report)
     plateau = kinds(report)["loss_plateau"]
     assert plateau.severity == "info" and not plateau.causes
@@ -182,7 +169,7 @@ def test_random_labels_leave_the_classifier_at_chance_without_a_warning(tmp_path
     def batch(step):
         return torch.randn(64, 16), torch.randint(0, 4, (64,))
 
-    report = train(tmp_path, model, opt, batch, nn.functional.cross_entropy, 100)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.cross_entropy, 100)
     assert report.healthy, loud(report)
     assert kinds(report)["loss_plateau"].evidence["loss_end"] == pytest.approx(math.log(4), abs=0.1)
 
@@ -190,7 +177,7 @@ def test_random_labels_leave_the_classifier_at_chance_without_a_warning(tmp_path
 def test_a_flat_loss_whose_weights_barely_move_stays_a_warning(tmp_path):
     """The same model at lr 1e-5: updates 1e-5 of the weights, too small to say the loss cannot move."""
     model, opt, batch = at_optimum(lr=1e-5)
-    report = train(tmp_path, model, opt, batch, nn.functional.mse_loss, 100)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 100)
     assert kinds(report)["loss_plateau"].severity == "warning", loud(report)
     assert not report.healthy
 
@@ -208,7 +195,7 @@ def test_a_deep_sigmoid_net_that_cannot_learn_keeps_its_plateau_as_harm(tmp_path
         x = torch.randn(64, 32)
         return x, (x[:, 0] > 0).long()
 
-    report = train(tmp_path, model, opt, batch, nn.functional.cross_entropy, 60)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.cross_entropy, 60)
     found = kinds(report)
     assert found["loss_plateau"].severity == "warning", loud(report)
     assert found["vanishing_gradient"].severity == "error", loud(report)
@@ -230,7 +217,7 @@ def test_an_rnn_whose_error_shrinks_through_time_names_the_radius_as_the_plateau
     assert per_step[:5].max() < 1e-10 * per_step[-1]
     model.zero_grad()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    report = train(tmp_path, model, opt, batch, nn.functional.mse_loss, 100)
+    report = train_and_diagnose(tmp_path, model, opt, batch, nn.functional.mse_loss, 100)
     plateau = kinds(report).get("loss_plateau")
     assert plateau is not None and plateau.severity == "warning", loud(report)
     cause = plateau.causes[0]

@@ -1,0 +1,40 @@
+"""Helpers shared by test files: invoking the CLI, and training a model to its diagnosis."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+import gradwatch
+from gradwatch.cli import app
+
+
+def cli(*args, env: dict[str, str] | None = None, script_fails: bool = False):
+    """Invoke the app; a traceback is allowed only for a failing script, and only its own."""
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    if script_fails:
+        assert "gradwatch/" not in result.output.split("run store:")[0], result.output
+    else:
+        assert "Traceback" not in result.output, result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def flat(text: str) -> str:
+    """Output with rich's line breaks undone, to look for a message in it."""
+    return " ".join(text.split())
+
+
+def train_and_diagnose(tmp_path, model, optimizer, batch, loss_fn, steps, scheduler=None):
+    """Train ``steps`` steps on ``batch(step)`` under gradwatch; the run's diagnosis."""
+    with gradwatch.watch(model, optimizer, run=tmp_path / "run") as w:
+        for step in range(steps):
+            x, y = batch(step)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            w.log(loss=loss)
+    return gradwatch.diagnose(tmp_path / "run")
