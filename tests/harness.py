@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from typer.testing import CliRunner
 
 import gradwatch
@@ -38,3 +39,16 @@ def train_and_diagnose(tmp_path, model, optimizer, batch, loss_fn, steps, schedu
                 scheduler.step()
             w.log(loss=loss)
     return gradwatch.diagnose(tmp_path / "run")
+
+
+def train_on_noise(model, run, steps: int, **kwargs) -> gradwatch.Watcher:
+    """``steps`` SGD steps of ``model`` (4 inputs) on random batches of 8 under gradwatch."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, run=run, **kwargs) as w:
+        for _ in range(steps):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            w.log(loss=loss)
+    return w

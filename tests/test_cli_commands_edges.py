@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import cli, flat
+from harness import cli, flat, train_on_noise
 from torch import nn
 
 import gradwatch
@@ -32,15 +32,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def watched(run, steps: int = 12, *, act: type[nn.Module] = nn.Tanh, **kwargs) -> Path:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), act(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradwatch.watch(model, opt, run=run, **kwargs) as w:
-        for _ in range(steps):
-            loss = model(torch.randn(8, 4)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            w.log(loss=loss)
-    return Path(w.run_dir)
+    return Path(train_on_noise(model, run, steps, **kwargs).run_dir)
 
 
 def script(folder: Path, body: str) -> Path:

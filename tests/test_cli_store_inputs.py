@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import cli, flat
+from harness import cli, flat, train_on_noise
 from torch import nn
 from typer.testing import CliRunner
 
@@ -50,15 +50,7 @@ def script(folder: Path, body: str = "", *, steps: int = 3, width: int = 8, seed
 
 def watched(run, steps: int = 3, **kwargs) -> gradwatch.Watcher:
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradwatch.watch(model, opt, run=run, **kwargs) as w:
-        for _ in range(steps):
-            loss = model(torch.randn(8, 4)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            w.log(loss=loss)
-    return w
+    return train_on_noise(model, run, steps, **kwargs)
 
 
 # ---------------------------------------------------------------- 1. a store holds one run
