@@ -428,3 +428,13 @@ def test_meanfield_verdict_takes_its_direction_from_chi1():
         assert "grow by" not in result.output and "shrink by chi1" in result.output
     relu = cli("theory", "meanfield", "-a", "relu", "--sigma-w2", "3", "--sigma-b2", "0.1")
     assert "grow by chi1 = 1.5" in flat(relu.output)
+
+
+def test_a_run_with_no_steps_says_so_in_its_json(tmp_path):
+    """A script that never trained got "healthy": true and no finding: a CI gate passed it."""
+    train = script(tmp_path, TRAIN)
+    result = cli("run", "--out", tmp_path / "run", "--json", tmp_path / "r.json", train, "0")
+    assert result.exit_code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [f["kind"] for f in report["findings"]] == ["unmeasured"]
+    assert "No training step was recorded" in report["findings"][0]["summary"]

@@ -1,4 +1,4 @@
-"""Coverage: say so when the forward passes went unseen, so silence is not read as health.
+"""Coverage: say so when steps or forward passes went unseen, so silence is not read as health.
 
 The activation, error and non-finite probes run in forward hooks. A model compiled with
 ``torch.compile`` runs its hooks inside the compiled graph, where gradwatch does not
@@ -15,7 +15,9 @@ from .profile import RunView
 
 
 def check(view: RunView) -> list[Finding]:
-    if not len(view.steps) or view.run.meta.get("mode") == "grads":
+    if not len(view.steps):
+        return [_no_steps()]
+    if view.run.meta.get("mode") == "grads":
         return []
     if any(info.exec_order is not None for info in view.info):
         return _partly(view)
@@ -28,6 +30,19 @@ def check(view: RunView) -> list[Finding]:
     steps = view.steps
     evidence = {"layers": len(view.info), "steps": len(steps)}
     return [Finding("unmeasured", "info", [], int(steps[0]), int(steps[-1]), summary, evidence)]
+
+
+def _no_steps() -> Finding:
+    """A run without a single recorded step: silence there is not health.
+
+    A script that exited before training (``--help``, a failed argument check) or that
+    never stepped an optimizer nor ran a backward pass leaves an empty store.
+    """
+    summary = (
+        "No training step was recorded, so nothing could be judged: gradwatch counts one step "
+        "per optimizer step, or per backward pass where no optimizer steps."
+    )
+    return Finding("unmeasured", "info", [], None, None, summary, {"steps": 0})
 
 
 def _partly(view: RunView) -> list[Finding]:

@@ -272,7 +272,7 @@ def render_report(report) -> object:
 
     run = report.run
     steps, layers = run.get("steps", 0), run.get("layers", 0)
-    if not steps and not report.findings:
+    if not steps:  # the one finding there can be is coverage's note saying the same
         return Group(
             Text(
                 "nothing to diagnose: no training step was recorded "
