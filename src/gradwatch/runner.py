@@ -7,20 +7,23 @@ watch through torch's global hooks:
   forward pass is a candidate model; after the first step, candidates whose
   parameters got no gradient and belong to no optimizer (a frozen teacher that
   makes targets, say) are dropped;
-* every optimizer that steps is watched through the global optimizer step hooks;
+* every optimizer that steps is watched through the global optimizer step hooks; one
+  over parameters that an earlier one holds replaces it (an LR restart);
 * a scalar tensor whose ``.backward()`` is called is taken as the loss (divided by
   the GradScaler's scale when it came from ``scaler.scale(loss)``).
 
-While the script runs, ``torch.Tensor.backward`` and ``GradScaler.scale`` are wrapped;
-both are restored when it ends, however it ends. So are SIGTERM and SIGHUP, where the
-script leaves them at their default: they stop the script with an exception, so that the
-record is flushed and the diagnosis shown before gradwatch exits with 128 + the signal.
+While the script runs, ``torch.Tensor.backward``, ``GradScaler.scale`` and ``os._exit``
+(which flushes the record first) are wrapped; all are restored when it ends, however it
+ends. So are SIGTERM and SIGHUP, where the script leaves them at their default: they stop
+the script with an exception, so that the record is flushed and the diagnosis shown before
+gradwatch exits with 128 + the signal.
 """
 
 from __future__ import annotations
 
 import builtins
 import gc
+import importlib.machinery
 import io
 import os
 import pkgutil
@@ -32,7 +35,7 @@ import traceback
 import types
 import weakref
 from collections.abc import Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,7 @@ class ScriptDiscovery:
         self._unwatched_opts: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._scaled: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
         self._scanned = False
+        self._stepping: list[int] = []  # ids of the optimizers inside their step(), innermost last
         watcher.before_first_flush = self._settle
 
     @contextmanager
@@ -135,19 +139,40 @@ class ScriptDiscovery:
             return False
         if any(optimizer is o for o in self.watcher._optimizers):
             return True
-        if not self.watcher._model_params_of(optimizer):
+        params = self.watcher._model_params_of(optimizer)
+        if not params:
             self._unwatched_opts.add(optimizer)
             return False
+        self._retire_replaced(set(params))
         self.watcher.add_optimizer(optimizer, hooks=False)
         return True
 
+    def _retire_replaced(self, params: set[int]) -> None:
+        """Forget the optimizers a new one over the same parameters replaces (an LR restart).
+
+        A step ends once every watched optimizer has stepped: one replaced would be waited
+        for in vain, merging steps, and kept alive with all its state. One inside its step
+        is not replaced: it wraps the new one (a Lookahead steps its base optimizer).
+        """
+        watcher = self.watcher
+        for old in list(watcher._optimizers):
+            if id(old) not in self._stepping[:-1] and params.intersection(
+                watcher._model_params_of(old)
+            ):
+                watcher._optimizers[:] = [o for o in watcher._optimizers if o is not old]
+                watcher._expected.discard(id(old))
+                watcher._opt_params.pop(id(old), None)  # keyed by id, which a new one may reuse
+
     def _opt_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._stepping.append(id(optimizer))
         if not self._scanned:
             self._find_all()
         if self._adopt(optimizer):
             self.watcher.on_step_begin(optimizer, args, kwargs)
 
     def _opt_post(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if id(optimizer) in self._stepping:
+            self._stepping.remove(id(optimizer))
         if any(optimizer is o for o in self.watcher._optimizers):
             self.watcher.on_step_end(optimizer, args, kwargs)
 
@@ -236,30 +261,35 @@ def run_script(script: str | Path, args: Sequence[str], watcher: Watcher) -> Scr
     absolute path. The watcher is always closed (flushed) afterwards, also on exceptions,
     Ctrl-C, SIGTERM and SIGHUP. The exit code is the process exit status ``python script``
     would have: 0, its ``sys.exit`` code (modulo 256), 1 on an uncaught exception (whose
-    traceback is printed, as Python would), 130 on Ctrl-C, or 128 + the signal number when
-    SIGTERM or SIGHUP stopped it.
+    traceback is printed, as Python would, through the script's own ``sys.excepthook`` if
+    it set one), 130 on Ctrl-C, or 128 + the signal number when SIGTERM or SIGHUP stopped it.
+    As Python does before it exits, it waits for the threads the script started and left
+    running (not daemons). ``os._exit`` in the script flushes the record before it exits.
     """
     script = Path(script)
-    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    saved_argv, saved_path, saved_hook = sys.argv[:], sys.path[:], sys.excepthook
+    streams = sys.stdout, sys.stderr
+    threads = set(threading.enumerate())
     sys.argv = [str(script), *args]
     sys.path.insert(0, str(script.resolve().parent))
     error: BaseException | None = None
     code = 0
     try:
-        with _signals_raise(), ScriptDiscovery(watcher).installed():
-            _run_as_main(script)
-    except SystemExit as exc:
-        code = _exit_code(exc.code)
-    except KeyboardInterrupt as exc:
-        error, code = exc, 130
-    except Terminated as exc:
-        error, code = exc, 128 + exc.signum
-        print(f"gradwatch: the script was stopped by {exc}", file=sys.stderr)
-    except BaseException as exc:  # the script's own failure: report it as Python would
-        error, code = exc, 1
-        traceback.print_exception(type(exc), exc, _from_script(exc.__traceback__, script))
+        with (
+            _signals_raise(),
+            ScriptDiscovery(watcher).installed(),
+            _flushed_before_os_exit(watcher),
+        ):
+            try:
+                _run_as_main(script)
+            except BaseException as exc:
+                error, code = _ended_by(exc, script, saved_hook, streams)
+            _wait_for_threads(threads)  # they may still train; hooks stay on meanwhile
+    except BaseException as exc:  # Ctrl-C or a signal while waiting for the threads
+        error, code = _ended_by(exc, script, saved_hook, streams)
     finally:
-        sys.argv, sys.path[:] = saved_argv, saved_path
+        _usable_streams(streams)
+        sys.argv, sys.path[:], sys.excepthook = saved_argv, saved_path, saved_hook
         try:
             watcher.close(error=error)
         except Exception as exc:  # noqa: BLE001 - a handler of the script's raised inside it
@@ -267,6 +297,85 @@ def run_script(script: str | Path, args: Sequence[str], watcher: Watcher) -> Scr
             # the store is flushed by then, and the diagnosis still follows.
             print(f"gradwatch: closing the run was interrupted: {exc}", file=sys.stderr)
     return ScriptResult(code, watcher, error)
+
+
+def _ended_by(
+    exc: BaseException, script: Path, hook: Any, streams: tuple[Any, Any]
+) -> tuple[BaseException | None, int]:
+    """Print what ``python script`` prints when ``exc`` ends it; the error and exit status."""
+    _usable_streams(streams)  # the script may have closed the stream it set as sys.stderr
+    if isinstance(exc, SystemExit):
+        return None, _exit_code(exc.code)
+    if isinstance(exc, Terminated):
+        print(f"gradwatch: the script was stopped by {exc}", file=sys.stderr)
+        return exc, 128 + exc.signum
+    tb = _from_script(exc.__traceback__, script)
+    if sys.excepthook is hook:
+        traceback.print_exception(type(exc), exc, tb)
+    else:  # the script set its own hook (to log the crash, say): Python would call it
+        try:
+            sys.excepthook(type(exc), exc, tb)
+        except BaseException as failure:  # noqa: BLE001 - reported as Python reports it
+            print("Error in sys.excepthook:", file=sys.stderr)
+            traceback.print_exception(type(failure), failure, failure.__traceback__)
+            print("\nOriginal exception was:", file=sys.stderr)
+            traceback.print_exception(type(exc), exc, tb)
+    # Python prints a KeyboardInterrupt's traceback too, then dies of SIGINT (130).
+    return exc, 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def _usable_streams(saved: tuple[Any, Any]) -> None:
+    """Flush the script's stdout and stderr, so its output comes before the report, and
+    put ours back where the script left a closed one (or None), so the report can show."""
+    for name, ours in zip(("stdout", "stderr"), saved, strict=True):
+        stream = getattr(sys, name)
+        with suppress(AttributeError, ValueError, OSError):  # None, closed or broken
+            stream.flush()
+        if stream is None or getattr(stream, "closed", False):
+            setattr(sys, name, ours)
+
+
+def _wait_for_threads(before: set[threading.Thread]) -> None:
+    """Join the threads the script started and left running, as Python does before it exits.
+
+    Thread-pool workers are left alone: Python wakes them at exit, which has not come yet,
+    so waiting here for an executor the script never shut down would never end.
+    """
+    pools = getattr(sys.modules.get("concurrent.futures.thread"), "_threads_queues", {})
+    for thread in threading.enumerate():
+        if thread in before or thread.daemon or thread in pools:
+            continue
+        if thread is not threading.current_thread():
+            thread.join()
+
+
+@contextmanager
+def _flushed_before_os_exit(watcher: Watcher):
+    """``os._exit`` skips every ``finally``: flush and close the record before it ends us.
+
+    Only in this process: a forked DataLoader worker inherits the wrapper and exits with it.
+    """
+    pid, original = os.getpid(), os._exit
+
+    def _exit(status: int) -> None:
+        if os.getpid() == pid:
+            try:
+                watcher.close()
+                print(
+                    f"gradwatch: the script called os._exit({status}); its record is in "
+                    f"{watcher.run_dir} (gradwatch diagnose {watcher.run_dir})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            except Exception:  # noqa: BLE001 - from another thread, say: exit regardless
+                pass
+        original(status)
+
+    os._exit = _exit
+    try:
+        yield
+    finally:
+        os._exit = original
 
 
 def _run_as_main(script: Path) -> None:
@@ -283,7 +392,8 @@ def _run_as_main(script: Path) -> None:
     with io.open_code(path) as f:
         code = compile(f.read(), path, "exec", dont_inherit=True)
     main = types.ModuleType("__main__")
-    main.__dict__.update(__file__=path, __cached__=None, __builtins__=builtins)
+    loader = importlib.machinery.SourceFileLoader("__main__", path)  # as python script sets it
+    main.__dict__.update(__file__=path, __cached__=None, __builtins__=builtins, __loader__=loader)
     saved = sys.modules.get("__main__")
     sys.modules["__main__"] = main
     try:
