@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -403,3 +405,29 @@ def test_skips_before_the_optimizer_is_known_are_not_steps(tmp_path):
     run = gradwatch.open_run(tmp_path / "run")
     assert len(run.steps) == 12 - skipped
     assert not any(row["nonfinite"] for row in run.step_table())
+
+
+def test_a_model_trained_in_another_thread_keeps_every_step_and_its_layers(tmp_path):
+    """The store's connection belonged to the watching thread; the first flush from the
+    training thread failed, losing step 0 and the layer table."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watcher = gradwatch.watch(model, opt, run=tmp_path, flush_every=2)
+
+    def train():
+        for _ in range(5):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            watcher.log(loss=loss)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed flush warns
+        worker = threading.Thread(target=train)
+        worker.start()
+        worker.join()
+        watcher.close()
+    run = gradwatch.open_run(tmp_path)
+    assert run.steps.tolist() == [0, 1, 2, 3, 4]
+    assert run.layers == ["0", "1", "2"]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -258,7 +259,10 @@ class RunWriter:
                 for stale in (self.file, *_sidecars(self.file)):
                     stale.unlink(missing_ok=True)
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.file)
+            # A model may train in a thread other than the one that watched it (a notebook's
+            # worker, a GUI): the flush writes from there, one flush at a time (_lock).
+            self._db = sqlite3.connect(self.file, check_same_thread=False)
+            self._lock = threading.Lock()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
@@ -271,7 +275,7 @@ class RunWriter:
         _writing[self._key] = self
 
     def set_meta(self, values: dict[str, object]) -> None:
-        with self._db:
+        with self._lock, self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in values.items()],
@@ -286,7 +290,7 @@ class RunWriter:
         param_metrics: Iterable[tuple[int, int, str, float]],
     ) -> None:
         """Write one flush: layer and parameter descriptions, then the steps' rows."""
-        with self._db:
+        with self._lock, self._db:
             self._insert(
                 "layers",
                 8,
@@ -326,7 +330,8 @@ class RunWriter:
     def close(self) -> None:
         if _writing.get(self._key) is self:
             del _writing[self._key]
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
 
 def _shm_refused(exc: sqlite3.Error) -> bool:
