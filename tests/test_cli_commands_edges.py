@@ -285,6 +285,14 @@ def test_a_gradwatch_option_after_script_gets_a_note_when_the_script_fails(tmp_p
     assert "note: --out came after SCRIPT" in flat(result.stderr)
 
 
+def test_a_script_with_its_own_mode_option_gets_no_note_after_training(tmp_path):
+    """A script that trained and then failed has options of its own, which may share our names."""
+    train = script(tmp_path, TRAIN + "\nsys.exit(3)\n")
+    result = cli("run", "--out", tmp_path / "x", train, "3", "--mode", "fast")
+    assert result.exit_code == 3
+    assert "note:" not in result.stderr
+
+
 # ------------------------------------------------ 8. theory
 def test_phase_output_is_checked_before_the_grid_is_computed(tmp_path, monkeypatch):
     """-o into a missing directory computed the whole grid, then failed with an OSError."""

@@ -186,7 +186,9 @@ def run(
         }
     if json_out is not None:
         _write_json(json_out, data)  # the exit status stays the script's own
-    if result.exit_code:
+    # A script that failed before its first step may have choked on our options; one that
+    # trained has options of its own, which may share our names.
+    if result.exit_code and not watcher.steps_recorded:
         _hint_misplaced_options(args or [])
     raise typer.Exit(result.exit_code)
 
