@@ -372,6 +372,8 @@ def phase_diagram(
     :class:`~gradwatch.theory.gaussian.HermiteSeries` (Mehler's formula) rather than
     2D quadrature, so a 100 x 100 grid takes a fraction of a second; it agrees with
     :class:`MeanField` to about 1e-7 relative for smooth activations with q* < 5.
+    Points with q* > 5, where the series is inaccurate, use the composite quadrature
+    of :mod:`.gaussian` instead: as accurate, but ~50 ms each in the chaotic phase.
 
     Args:
         activation: Name, torch callable or Activation.
