@@ -403,3 +403,16 @@ def test_layers_whose_forward_went_unmeasured_are_named(tmp_path):
     report = train_and_diagnose(tmp_path, model, opt, regression(16), nn.functional.mse_loss, 6)
     note = kinds(report)["unmeasured"]
     assert note.severity == "info" and note.layers == ["block.0", "block.2"]
+
+
+def test_a_model_whose_every_layer_barely_moves_is_told_to_raise_the_learning_rate(tmp_path):
+    """The remedies of "learning rate too low" were He init and ReLU, never the learning rate."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+    report = train_and_diagnose(tmp_path, model, opt, regression(16), nn.functional.mse_loss, 40)
+    slow = [f for f in report.findings if "learning_rate_too_low" in {c.id for c in f.causes}]
+    assert slow, loud(report)
+    assert slow[0].remedies[0].id == "raise_lr"

@@ -28,7 +28,7 @@ REMEDIES_FOR: dict[str, list[str]] = {
     "recurrent_radius_above_1": ["clip_grad_norm", "orthogonal_init", "lstm_gru"],
     "recurrent_radius_below_1": ["lstm_gru", "orthogonal_init"],
     "learning_rate_too_high": ["lower_lr", "warmup", "clip_grad_norm"],
-    "learning_rate_too_low": ["he_init", "relu"],
+    "learning_rate_too_low": ["raise_lr", "he_init", "relu"],
     "log_of_zero": ["log_softmax"],
     "low_precision_overflow": ["loss_scaling", "clip_grad_norm"],
     "float32_overflow": ["stable_exp", "lower_lr", "clip_grad_norm"],

@@ -99,6 +99,15 @@ REMEDIES: dict[str, Remedy] = {
             "for group in optimizer.param_groups:\n    group['lr'] *= 0.1",
         ),
         _r(
+            "raise_lr",
+            "Raise the learning rate where updates are far below 1e-3 of the weights per step: for "
+            "the whole optimizer when every layer is slow, else in a parameter group of the slow "
+            "layers' own, so the others do not speed up with them.",
+            "for group in optimizer.param_groups:\n    group['lr'] *= 10\n"
+            "# only some layers slow: torch.optim.SGD([{'params': slow.parameters(), 'lr': 10 * lr},\n"
+            "#                                        {'params': rest}], lr=lr)",
+        ),
+        _r(
             "warmup",
             "Warm the learning rate up over the first steps, so early large gradients meet small "
             "steps.",
