@@ -431,3 +431,12 @@ def test_a_model_trained_in_another_thread_keeps_every_step_and_its_layers(tmp_p
     run = gradwatch.open_run(tmp_path)
     assert run.steps.tolist() == [0, 1, 2, 3, 4]
     assert run.layers == ["0", "1", "2"]
+
+
+def test_a_storing_period_past_int64_is_refused_at_once(tmp_path):
+    """every=2**63 overflowed at each flush, which warned and stored no step at all."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="every must be between 1 and 2\\*\\*62"):
+        gradwatch.watch(model, opt, run=tmp_path, every=2**63)
+    assert not model._forward_hooks and not model._forward_pre_hooks

@@ -141,9 +141,11 @@ class Watcher:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if every < 1 or flush_every < 1:
+        # Steps are numbered in int64 in the store; a larger period would overflow there.
+        if not (1 <= every <= 2**62 and flush_every >= 1):
             raise ValueError(
-                f"every and flush_every must be >= 1; got every={every}, flush_every={flush_every}"
+                "every must be between 1 and 2**62 and flush_every >= 1; "
+                f"got every={every}, flush_every={flush_every}"
             )
         self.mode = mode
         self.every = every
