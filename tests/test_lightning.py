@@ -81,3 +81,28 @@ def test_lightning_fit_records_each_optimizer_step(tmp_path, manual, accumulate)
     assert callback.report is not None and callback.watcher is None
     hooks = [h for m in model.modules() for h in (*m._forward_hooks, *m._forward_pre_hooks)]
     assert hooks == []
+
+
+def test_a_second_fit_of_the_same_callback_goes_to_a_run_of_its_own(tmp_path):
+    """A second fit with run= fixed raised RunExistsError from inside Lightning."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16
+    )
+    callback = GradwatchCallback(run=tmp_path / "run", print_report=False)
+    model = Net()
+    for epochs in (1, 2):  # a second stage, on a new Trainer: 1 epoch, then 2 more
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, loader)
+    assert [p.name for p in callback.runs] == ["run", "run-2"]
+    assert gradwatch.open_run(tmp_path / "run").steps.tolist() == [0, 1, 2, 3]
+    assert gradwatch.open_run(tmp_path / "run-2").steps.tolist() == list(range(8))
+    assert callback.run_dir == tmp_path / "run-2"

@@ -10,6 +10,7 @@ after the all-reduce, every rank holds the same gradients.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 try:
@@ -22,11 +23,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 import torch
 
 from ..diagnose import Report
+from ..store import fresh_path
 from ..watch import Watcher, watch
 
 
 class GradwatchCallback(pl.Callback):
     """Watch a LightningModule's training with gradwatch; ``report`` holds the diagnosis after fit.
+
+    A store holds one run, so each ``fit`` of the same callback after the first (a second
+    training stage, a resumed run) goes to a fresh directory beside ``run``: ``run-2``,
+    ``run-3``, ...; ``runs`` lists them in order, and ``run_dir`` is the latest.
 
     Args:
         run: the run directory (default: a new one under ``./gradwatch-runs``).
@@ -67,14 +73,25 @@ class GradwatchCallback(pl.Callback):
         self.options = options
         self.watcher: Watcher | None = None
         self.report: Report | None = None
+        self.runs: list[Path] = []  # the run directory of each fit, in order
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0:
             return
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self.watcher = watch(
-            pl_module, trainer.optimizers, run=self.run, scaler=scaler, **self.options
+        # A later fit must neither be refused by nor replace the store of an earlier one.
+        run = (
+            fresh_path(self.runs[0])
+            if self.runs and not self.options.get("overwrite")
+            else self.run
         )
+        self.watcher = watch(pl_module, trainer.optimizers, run=run, scaler=scaler, **self.options)
+        self.runs.append(Path(self.watcher.run_dir))
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory of the latest fit, or None before the first."""
+        return self.runs[-1] if self.runs else None
 
     def on_train_batch_end(
         self,
