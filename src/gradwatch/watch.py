@@ -815,7 +815,10 @@ class Watcher:
 
     def _grad_plan(self, indices: Sequence[int]) -> tuple[GradNormPlan, list]:
         key = tuple(indices)
-        if key not in self._grad_plans:
+        found = self._grad_plans.get(key)
+        # A model converted after watch() (model.half(), .to(device)) needs new groups;
+        # detailed steps also catch a conversion of part of it.
+        if found is None or found[0].stale(self._params, full=self._open.detail):
             plan = GradNormPlan(indices, self._params)
             self._grad_plans[key] = (plan, [("p", i, "gnorm") for i in plan.indices])
         return self._grad_plans[key]

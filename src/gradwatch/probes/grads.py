@@ -207,6 +207,39 @@ class GradNormPlan:
         }
         plain = all(_plain(params[i]) and params[i].is_cpu for i in self.indices)
         self.row_dtype = result.pop() if len(result) == 1 and plain else None
+        self._built_for = [(params[i].dtype, params[i].device) for i in self.indices]
+
+    def stale(self, params: Sequence[torch.Tensor], full: bool = False) -> bool:
+        """Whether a parameter changed dtype or device since the plan was built.
+
+        ``model.half()`` or ``model.to(device)`` after the plan was made converts the
+        parameters in place: a group planned as float32 would then be reduced in
+        float16, where a norm above 256 reads inf through BLAS's dot. Without ``full``
+        only each group's first parameter is looked at, a check of a few hundred
+        nanoseconds that a whole-model conversion cannot pass; ``full`` looks at every one.
+
+        Example:
+            >>> p = [torch.nn.Parameter(torch.ones(4))]
+            >>> plan = GradNormPlan([0], p)
+            >>> stale_before = plan.stale(p)
+            >>> p[0].data = p[0].data.half()
+            >>> stale_before, plan.stale(p)
+            (False, True)
+        """
+        built = self._built_for
+        if full:
+            return any(
+                params[i].dtype != dt or params[i].device != dev
+                for i, (dt, dev) in zip(self.indices, built, strict=True)
+            )
+        start = 0
+        for idx, _, _ in self.groups:
+            dt, dev = built[start]
+            p = params[idx[0]]
+            if p.dtype != dt or p.device != dev:
+                return True
+            start += len(idx)
+        return False
 
     def norms_row(self, params: Sequence[torch.Tensor]) -> tuple[list[int], torch.Tensor] | None:
         """(parameter indices, every gradient norm in one new 1-D tensor, in that order).

@@ -60,7 +60,7 @@ class UpdateProbe:
         if not indices:
             return [], [], []
         plan = self._plans.get(tuple(indices))
-        if plan is None:
+        if plan is None or plan.stale(now, full=True):  # converted since (model.half())
             plan = self._plans[tuple(indices)] = GradNormPlan(range(len(now)), now)
         order: list[int] = []
         update: list[torch.Tensor] = []
