@@ -152,6 +152,14 @@ class Layout:
         self.err_fsum = np.array(
             [fsum_at.get(i, -1) for i in self.by_code["err"][1].tolist()], dtype=np.int64
         )
+        # Each count-based activation statistic's layer, as a column of the fsum block:
+        # a NaN output compares false everywhere, and would count as unsaturated and nonzero.
+        self.count_fsum = {
+            code: np.array(
+                [fsum_at.get(i, -1) for i in self.by_code[code][1].tolist()], dtype=np.int64
+            )
+            for code in ("sat", "dsum", "nonzero")
+        }
         # Each "fsq" entry (the norm of one call's deviations from its "shift") and
         # each "shift" pair with the "fsum" entry of the same call: the last one before
         # them for that layer.
@@ -208,14 +216,25 @@ class Layout:
         mean, measured = _safe_div(total, size)
         tally.layer.append(Block("act_mean", ids, mean, measured))
         bad.append((ids, ~np.isfinite(total)))
+        output_nan = np.isnan(total)
+
+        def unknown(name: str, frac: np.ndarray) -> np.ndarray:
+            """NaN where the layer's output held a NaN: its counts say nothing then."""
+            cols = self.count_fsum[name]
+            if not len(cols) or not output_nan.any():
+                return frac
+            nan = np.where(cols >= 0, output_nan[:, np.maximum(cols, 0)], False)
+            return np.where(nan, np.nan, frac)
+
         for name, metric in (("sat", "saturated_frac"), ("dsum", "act_derivative")):
             ids, total, size = code(name)
             if len(ids):
-                tally.layer.append(Block(metric, ids, *_safe_div(total, size)))
+                frac, ok = _safe_div(total, size)
+                tally.layer.append(Block(metric, ids, unknown(name, frac), ok))
         ids, nonzero, size = code("nonzero")
         if len(ids):
             frac, ok = _safe_div(nonzero, size)
-            tally.layer.append(Block("zero_frac", ids, 1.0 - frac, ok))
+            tally.layer.append(Block("zero_frac", ids, unknown("nonzero", 1.0 - frac), ok))
         if len(self.dev_cols):
             tally.layer.extend(self._moments(values, counts, deviations))
         ids, total, _ = code("err")

@@ -1029,7 +1029,7 @@ class Watcher:
         )
         once: list[tuple[int, int, str, float]] = []  # measured once per flush window
         for i, peak in zip(dead_layers, extras[: len(peaks)], strict=True):
-            once.append((self._last_act_step[i], i, "dead_frac", 1.0 - float((peak > 0).mean())))
+            once.append((self._last_act_step[i], i, "dead_frac", _dead_fraction(peak)))
         if radius:
             last = self._pending[-1].step
             for i, value in zip(radius, extras[len(peaks) :], strict=True):
@@ -1233,6 +1233,22 @@ def _as_list(optimizer: Any) -> list:
                 f"optimizer= takes torch.optim.Optimizer objects; got {type(opt).__name__}"
             )
     return items
+
+
+def _dead_fraction(peak: np.ndarray) -> float:
+    """The fraction of units whose largest output over the window is not above zero.
+
+    A unit whose output was NaN at some step has a NaN peak: neither dead nor alive,
+    it is left out (NaN when every unit is), not counted as dead.
+
+    Example:
+        >>> _dead_fraction(np.array([0.0, 2.0, np.nan])), _dead_fraction(np.array([np.nan]))
+        (0.5, nan)
+    """
+    known = ~np.isnan(peak)
+    if not known.any():
+        return math.nan
+    return float((peak[known] <= 0).mean())
 
 
 def _finite_on_host(tensor: torch.Tensor) -> bool:
