@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 import gradwatch
@@ -41,14 +42,32 @@ def train_and_diagnose(tmp_path, model, optimizer, batch, loss_fn, steps, schedu
     return gradwatch.diagnose(tmp_path / "run")
 
 
+def sgd_step(model, opt, x, w=None) -> torch.Tensor:
+    """One step on the mean square of ``model(x)``; its loss, logged to ``w`` if given."""
+    loss = model(x).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if w is not None:
+        w.log(loss=loss)
+    return loss
+
+
 def train_on_noise(model, run, steps: int, **kwargs) -> gradwatch.Watcher:
     """``steps`` SGD steps of ``model`` (4 inputs) on random batches of 8 under gradwatch."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with gradwatch.watch(model, opt, run=run, **kwargs) as w:
         for _ in range(steps):
-            loss = model(torch.randn(8, 4)).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            w.log(loss=loss)
+            sgd_step(model, opt, torch.randn(8, 4), w)
     return w
+
+
+def he_relu_mlp(depth: int, n_in: int = 16, width: int = 64) -> nn.Sequential:
+    """``depth`` He-initialised Linear+ReLU layers (zero biases) and a linear head of one output."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        lin = nn.Linear(n_in if i == 0 else width, width)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))

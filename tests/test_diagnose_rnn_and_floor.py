@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from harness import train_and_diagnose
+from harness import he_relu_mlp, train_and_diagnose
 from torch import nn
 
 
@@ -108,13 +108,7 @@ def test_an_rnn_whose_radius_only_grew_past_1_under_a_high_learning_rate_blames_
 def test_a_feed_forward_net_exploding_from_a_high_learning_rate_blames_the_learning_rate(tmp_path):
     """He-initialised ReLU MLP at lr 0.12: the weights grow until the gradient spikes."""
     torch.manual_seed(0)
-    layers = []
-    for i in range(4):
-        lin = nn.Linear(16 if i == 0 else 64, 64)
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        nn.init.zeros_(lin.bias)
-        layers += [lin, nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(64, 1))
+    model = he_relu_mlp(4)
     teacher = nn.Linear(16, 1)
 
     def batch(step):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import he_relu_mlp
 from torch import nn
 
 import gradwatch
@@ -76,13 +77,7 @@ def test_deep_linear_half_identity_vanishes_although_weight_gradients_are_flat(t
 
 
 def test_he_relu_mlp_is_healthy(tmp_path):
-    layers = []
-    for i in range(10):
-        lin = nn.Linear(16 if i == 0 else 64, 64)
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        nn.init.zeros_(lin.bias)
-        layers += [lin, nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(64, 1))
+    model = he_relu_mlp(10)
     report = train(tmp_path, model, regression(), steps=80, lr=0.01)
     assert report.healthy, loud(report)
 

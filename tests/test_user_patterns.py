@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from harness import sgd_step
 from torch import nn
 
 import gradwatch
@@ -20,16 +21,6 @@ def assert_same_weights(plain: nn.Module, watched: nn.Module) -> None:
     """Bit for bit: watching must not change what training computes."""
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-
-
-def sgd_step(model, opt, x, w=None):
-    loss = model(x).pow(2).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    if w is not None:
-        w.log(loss=loss)
-    return loss
 
 
 def test_copies_of_a_watched_model_work_and_are_not_watched(tmp_path):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from harness import sgd_step
 from reference import Reference, compare
 from torch import nn
 
@@ -24,12 +25,7 @@ def hook_count(model: nn.Module) -> int:
 def sgd_steps(model, opt, w=None, steps=3, x=None):
     x = torch.randn(16, 8) if x is None else x
     for _ in range(steps):
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if w is not None:
-            w.log(loss=loss)
+        sgd_step(model, opt, x, w)
 
 
 class Tied(nn.Module):
