@@ -133,17 +133,17 @@ def _table(
     return table
 
 
-def _stored_of(run: Run) -> str:
-    """The ", 5 of them stored" of a run that stored a row every few steps, else ""."""
-    total = str(run.meta.get("steps") or "")  # the steps taken, written when the watcher closed
-    if total.isdigit() and int(total) != len(run.steps):
-        return f", {len(run.steps)} of them stored"
-    return ""
-
-
 def _step_total(run: Run) -> int:
+    """The steps taken (written when the watcher closed), else the steps stored."""
     total = str(run.meta.get("steps") or "")
     return int(total) if total.isdigit() else len(run.steps)
+
+
+def _stored_of(run: Run) -> str:
+    """The ", 5 of them stored" of a run that stored a row every few steps, else ""."""
+    if _step_total(run) != len(run.steps):
+        return f", {len(run.steps)} of them stored"
+    return ""
 
 
 def _title(run: Run) -> str:
