@@ -14,7 +14,15 @@ from rich.markup import escape
 
 from .diagnose import diagnose
 from .diagnose.findings import json_ready
-from .store import RunStoreError, check_new_store, fresh_path, open_run, store_file
+from .store import (
+    MAX_PERIOD,
+    MAX_PERIOD_TEXT,
+    RunStoreError,
+    check_new_store,
+    fresh_path,
+    open_run,
+    store_file,
+)
 
 app = typer.Typer(
     help="Find, explain and fix vanishing and exploding gradients in PyTorch training.",
@@ -43,9 +51,6 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 # --json - writes the report to stdout.
 STDOUT = Path("-")
-# --every and --detail-every beyond this overflow the step arithmetic (int64).
-MAX_PERIOD = 2**62
-MAX_PERIOD_TEXT = "2**62"
 MAX_DEMO_STEPS = 100_000
 
 

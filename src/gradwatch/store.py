@@ -63,6 +63,10 @@ STORE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
 # Rows per INSERT statement: 100 rows of at most 8 columns stay under SQLite's oldest
 # limit on bound variables (999).
 ROWS_PER_INSERT = 100
+# Steps are SQLite integers (int64): a storing or detail period past this overflows the
+# arithmetic on step numbers. Written out for messages as MAX_PERIOD_TEXT.
+MAX_PERIOD = 2**62
+MAX_PERIOD_TEXT = "2**62"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);

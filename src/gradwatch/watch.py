@@ -49,7 +49,7 @@ from .probes.scratch import reusable_like
 from .probes.updates import UpdateProbe
 from .record import PackedStep, StepBuffer, to_host
 from .schedule import as_schedule
-from .store import LayerRow, RunWriter, fresh_path
+from .store import MAX_PERIOD, MAX_PERIOD_TEXT, LayerRow, RunWriter, fresh_path
 
 MODES = ("default", "grads", "full")
 # The step-buffer codes of an output's moments: what a block shares with the child
@@ -141,10 +141,9 @@ class Watcher:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        # Steps are numbered in int64 in the store; a larger period would overflow there.
-        if not (1 <= every <= 2**62 and flush_every >= 1):
+        if not (1 <= every <= MAX_PERIOD and flush_every >= 1):
             raise ValueError(
-                "every must be between 1 and 2**62 and flush_every >= 1; "
+                f"every must be between 1 and {MAX_PERIOD_TEXT} and flush_every >= 1; "
                 f"got every={every}, flush_every={flush_every}"
             )
         self.mode = mode
