@@ -17,8 +17,9 @@ import gradwatch
 from gradwatch.hooks import InertHook
 
 
-def assert_same_weights(plain: nn.Module, watched: nn.Module) -> None:
-    """Bit for bit: watching must not change what training computes."""
+def assert_trains_the_same_watched(train, run) -> None:
+    """Bit for bit: ``train()`` and ``train(run)`` (watched into ``run``) end at the same weights."""
+    plain, watched = train(), train(run)
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -80,8 +81,7 @@ def _train_spectral(run=None):
 
 def test_spectral_norm_trains_the_same_watched(tmp_path):
     """Reading a parametrized weight runs spectral_norm's power iteration (in train mode)."""
-    plain, watched = _train_spectral(), _train_spectral(tmp_path / "run")
-    assert_same_weights(plain, watched)
+    assert_trains_the_same_watched(_train_spectral, tmp_path / "run")
 
 
 def test_parametrizations_are_part_of_their_layer(tmp_path):
@@ -248,8 +248,7 @@ def _train_masked(run=None):
 
 def test_the_replay_of_a_non_finite_forward_leaves_the_users_forward_hooks_alone(tmp_path):
     """A feature kept by a forward hook for an auxiliary loss was replaced by the replay's copy."""
-    plain, watched = _train_masked(), _train_masked(tmp_path / "run")
-    assert_same_weights(plain, watched)
+    assert_trains_the_same_watched(_train_masked, tmp_path / "run")
 
 
 def test_iterations_a_grad_scaler_skips_are_not_steps(tmp_path):
